@@ -20,3 +20,7 @@ class UnsupportedModelError(RefinferError):
 
 class UnsupportedFormatError(RefinferError):
     """A tensor type (e.g. a K-quant) or shape that no kernel here reads."""
+
+
+class TokenizerError(RefinferError):
+    """A vocabulary the tokenizer cannot build or use (missing metadata, unknown type, bad id)."""

