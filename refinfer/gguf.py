@@ -44,6 +44,21 @@ class GGUFFile:
         )
 
 
+class _Reader(GGUFReader):
+    """GGUFReader, parsing through a plain ndarray view of its map instead of the np.memmap.
+
+    The reader slices its map once per value (about 250,000 times for a 49k-token
+    vocabulary), and np.memmap's Python-level __getitem__/__array_finalize__ cost
+    three quarters of the parse time: 4.3 s -> 1.1 s for SmolLM2. The view still
+    maps the file (its .base is the memmap); nothing is read into memory.
+    """
+
+    def _get(self, *args, **kwargs):  # every read of the reader goes through _get
+        if type(self.data) is np.memmap:
+            self.data = self.data.view(np.ndarray)
+        return super()._get(*args, **kwargs)
+
+
 def _open_reader(path: Path) -> GGUFReader:
     """GGUFReader for `path`, with ModelFileError for every way the file can be unreadable."""
     if not path.is_file():
@@ -53,7 +68,7 @@ def _open_reader(path: Path) -> GGUFReader:
     if magic != GGUF_MAGIC:
         raise ModelFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        return GGUFReader(path)
+        return _Reader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
         raise ModelFileError(f"{path}: damaged or truncated GGUF ({e})") from None
 

@@ -98,13 +98,14 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, special: bool) -> None:
         self._tokenizer = tokenizer
         self._special = special
-        self._at_start = True  # no text yet: SentencePiece's leading space is still to drop
+        self._at_start = True  # only hidden control tokens so far (see _token_bytes)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly '', held back mid-character)."""
-        data = self._tokenizer._token_bytes(token_id, self._special, self._at_start)
-        self._at_start = self._at_start and not data
+        data, self._at_start = self._tokenizer._token_bytes(
+            token_id, self._special, self._at_start
+        )
         return self._utf8.decode(data)
 
     def flush(self) -> str:
@@ -276,8 +277,7 @@ class Tokenizer:
         """Text of `ids`; control tokens ('<s>', '<|im_end|>') are shown only if `special`."""
         chunks, at_start = [], True
         for i in ids:
-            data = self._token_bytes(i, special, at_start)
-            at_start = at_start and not data
+            data, at_start = self._token_bytes(i, special, at_start)
             chunks.append(data)
         return b"".join(chunks).decode("utf-8", errors="replace")
 
@@ -293,15 +293,20 @@ class Tokenizer:
                 "ids must come from this model's tokenizer"
             )
 
-    def _token_bytes(self, i: int, special: bool, at_start: bool) -> bytes:
-        """Bytes of token i in a decode; `at_start`: no text has been produced before it."""
+    def _token_bytes(self, i: int, special: bool, at_start: bool) -> tuple[bytes, bool]:
+        """Bytes of token i in a decode, and whether the decode is still at its start.
+
+        At the start (only hidden control tokens before), SentencePiece drops the space
+        its encoder prefixed, from the first normal piece only, as sentencepiece does.
+        """
         self._check_id(i)
-        if special and self.types[i] == CONTROL:
-            return self.tokens[i].encode()
+        kind = self.types[i]
+        if kind == CONTROL:
+            return (self.tokens[i].encode() if special else b""), at_start and not special
         data = self._bytes[i]
-        if at_start and self.strips_leading_space and self.types[i] != BYTE:
-            return data.removeprefix(b" ")
-        return data
+        if at_start and self.strips_leading_space and kind not in (BYTE, UNKNOWN):
+            data = data.removeprefix(b" ")
+        return data, False
 
     # -- chat --------------------------------------------------------------------------
 
