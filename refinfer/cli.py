@@ -79,11 +79,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from refinfer.gguf import read_gguf, write_quantized
 
-    src = Path(args.input)
-    total = sum(t.nbytes for t in read_gguf(src).tensors.values())
     out = Path(args.output)
-    if out.resolve() == src.resolve():
+    if out.resolve() == Path(args.input).resolve():
         raise RefinferError(f"{out}: the output would overwrite the input; choose another name")
+    src = read_gguf(args.input)
+    total = sum(t.nbytes for t in src.tensors.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"{args.type}", file=sys.stderr,
               disable=args.quiet) as bar:  # fmt: skip
         write_quantized(src, out, args.type, progress=bar.update)

@@ -143,18 +143,17 @@ def _copy_metadata(src: GGUFReader, writer: GGUFWriter, fmt: Format) -> None:
 
 
 def write_quantized(
-    src_path: str | os.PathLike,
+    src: GGUFFile,
     dst_path: str | os.PathLike,
     fmt: Format | str,
     progress: Callable[[int], None] = lambda n_bytes: None,
 ) -> None:
-    """Write `dst_path`: `src_path` with every matrix requantised to `fmt`, metadata kept.
+    """Write `dst_path`: the model `src` with every matrix requantised to `fmt`, metadata kept.
 
     Tensors are converted one at a time as they are written (memory stays about one
     tensor); `progress(n)` is called with the source bytes of each finished tensor.
     """
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
-    src = read_gguf(src_path)
     arch = src.metadata.get("general.architecture", "llama")
     writer = GGUFWriter(os.fspath(dst_path), arch, use_temp_file=False)
     _copy_metadata(src.reader, writer, fmt)

@@ -134,7 +134,7 @@ def test_write_quantized(tiny_f32: Path, tmp_path: Path, name: str) -> None:
 def write_quantized_and_check(src: GGUFFile, dst: Path, name: str) -> GGUFFile:
     """Requantise, then check gguf's own reader accepts the file and every key survived."""
     seen = []
-    write_quantized(src.path, dst, name, progress=seen.append)
+    write_quantized(src, dst, name, progress=seen.append)
     out = read_gguf(dst)  # through gguf.GGUFReader
     r_src, r_dst = src.reader, out.reader
     assert sum(seen) == sum(int(t.n_bytes) for t in r_src.tensors)

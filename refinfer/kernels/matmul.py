@@ -115,6 +115,14 @@ def _weight_q8_0(raw, n, b, j, h, table):
     return d * np.float32(q)
 
 
+@njit(inline="always")
+def _nibble(byte, h):
+    """The low (h = 0) or high (h = 1) 4 bits of a byte."""
+    if h == 0:
+        return byte & np.uint8(0x0F)
+    return byte >> np.uint8(4)
+
+
 # block_q4_0, 18 bytes:  | d: f16 | qs: uint8[16]                          |
 #                        | 0   1 | 2 ... 17                                |
 #   byte qs[j] = hi << 4 | lo:  lo is weight j, hi is weight j + 16
@@ -122,7 +130,7 @@ def _weight_q8_0(raw, n, b, j, h, table):
 def _weight_q4_0(raw, n, b, j, h, table):
     o = U(b) * U(18)
     d = _f16(raw, n, o, table)
-    q = (raw[n, o + U(2) + U(j)] >> np.uint8(4 * h)) & np.uint8(0x0F)
+    q = _nibble(raw[n, o + U(2) + U(j)], h)
     # w = d * (q - 8)
     return d * (np.float32(q) - np.float32(8))
 
@@ -134,7 +142,7 @@ def _weight_q4_1(raw, n, b, j, h, table):
     o = U(b) * U(20)
     d = _f16(raw, n, o, table)
     m = _f16(raw, n, o + U(2), table)
-    q = (raw[n, o + U(4) + U(j)] >> np.uint8(4 * h)) & np.uint8(0x0F)
+    q = _nibble(raw[n, o + U(4) + U(j)], h)
     # w = d * q + m   (two roundings: a separate multiply and add, no FMA)
     return d * np.float32(q) + m
 
@@ -172,12 +180,17 @@ def _row_dot_group(weight, raw, n, table, x, t0, G, K, acc):
 
 @njit(inline="always")
 def _store_group(acc, G, y, t0, n):
-    """y[t0 + g, n] = acc[g, 0] + acc[g, 1] + ... + acc[g, 31], added left to right."""
+    """y[t0 + g, n] = the 32 lanes of acc[g] added as a fixed tree: 32 -> 16 -> ... -> 1.
+
+    Halving (lane i += lane i + width) keeps the dependency chain 5 adds long.
+    """
     for g in range(G):
-        s = np.float32(0)
-        for i in range(LANES):
-            s += acc[U(g), U(i)]
-        y[U(t0 + g), n] = s
+        width = LANES // 2
+        while width >= 1:
+            for i in range(width):
+                acc[U(g), U(i)] += acc[U(g), U(i + width)]
+            width //= 2
+        y[U(t0 + g), n] = acc[U(g), U(0)]
 
 
 @njit(inline="always")
