@@ -70,7 +70,9 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_metadata(cls, md: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    def from_metadata(
+        cls, md: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
+    ) -> ModelConfig:
         """Build from GGUF key/values; `tensor_shapes` (NumPy order) fills gaps and is validated."""
         arch = md.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -153,7 +155,8 @@ class ModelConfig:
             )
         if self.rope_dim > self.head_dim or self.rope_dim % 2:
             raise UnsupportedModelError(
-                f"rope.dimension_count {self.rope_dim} must be even and at most head_dim {self.head_dim}"
+                f"rope.dimension_count {self.rope_dim} must be even and at most "
+                f"head_dim {self.head_dim}"
             )
         for name, shape in self.expected_shapes().items():
             if name not in tensor_shapes:

@@ -11,17 +11,30 @@ message that names the problem.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
 from refinfer.config import ModelConfig
 from refinfer.errors import ModelFileError
-from refinfer.quant import BF16, F16, F32, FORMATS, Q4_0, Q4_1, Q8_0, Format, QTensor, format_of
-from refinfer.quant import dequantize, quantize
+from refinfer.quant import (
+    BF16,
+    F16,
+    F32,
+    FORMATS,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Format,
+    QTensor,
+    dequantize,
+    format_of,
+    quantize,
+)
 
 GGUF_MAGIC = b"GGUF"
 
