@@ -482,10 +482,15 @@ class BPETokenizer(Tokenizer):
         return words
 
     def _bpe(self, word: str) -> list[int]:
-        """Ids of one pre-token: apply the lowest-ranked merge everywhere until none applies."""
-        symbols = list(word.encode().decode("latin-1").translate(LATIN1_TO_GPT2))
-        if self._ignore_merges and "".join(symbols) in self._ids:
-            return [self._ids["".join(symbols)]]
+        """Ids of one pre-token: apply the lowest-ranked merge everywhere until none applies.
+
+        A byte with no token of its own (SmolLM2 has none for 0x04 or 0xF1) is dropped
+        before merging, as HF tokenizers' BPE without an unknown token does.
+        """
+        mapped = word.encode().decode("latin-1").translate(LATIN1_TO_GPT2)
+        if self._ignore_merges and mapped in self._ids:
+            return [self._ids[mapped]]
+        symbols = [c for c in mapped if c in self._ids]
         ranks, never = self._ranks, len(self._ranks)
         while len(symbols) > 1:
             best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, never))

@@ -1,0 +1,223 @@
+"""kernels.matmul against its NumPy twin (quant.dequantize, then a float64 product).
+
+What is held, for every format:
+- the weights the kernel multiplies by are exactly quant.dequantize's float32 weights;
+- y is within the float32 rounding bound of its fixed reduction order (see `_bound`);
+- y[t] is bitwise the same whatever T, whatever the other tokens, whatever the
+  thread count (invariant 4 of DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refinfer import kernels, quant
+from refinfer.errors import UnsupportedFormatError
+from refinfer.quant import QTensor
+
+FORMATS = list(quant.FORMATS)
+FLOAT_FORMATS = [name for name, f in quant.FORMATS.items() if f.block_size == 1]
+U32 = 2.0**-24  # unit roundoff of float32
+LANES = 32  # the kernel's partial sums per output (refinfer/kernels/matmul.py)
+
+
+def _qtensor(fmt: str, n: int, k: int, seed: int) -> QTensor:
+    """A random (N, K) weight matrix stored in `fmt`, rows at varied scales."""
+    rng = np.random.default_rng(seed)
+    scale = np.float32(2.0) ** rng.integers(-4, 4, size=(n, 1)).astype(np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32) * scale
+    return QTensor("w", quant.FORMATS[fmt], (n, k), quant.quantize(w, quant.FORMATS[fmt]))
+
+
+def _x(t: int, k: int, seed: int) -> np.ndarray:
+    """float32[T, K] random activations."""
+    return np.random.default_rng(seed + 1).standard_normal((t, k), dtype=np.float32)
+
+
+def _bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """|y - y_exact| bound for the kernel's order, elementwise over [T, N].
+
+    Each y[t, n] is sum_k fl(x[t, k] * w[n, k]): one rounding per product, then
+    each of 32 lanes adds its ceil(K / 32) products in sequence, then the lanes
+    are added as a tree of depth 5. Every product passes through at most
+    m = 1 + ceil(K / 32) + 5 roundings, so (Higham, Accuracy and Stability,
+    eq. 3.5 / 4.4) |error| <= gamma_m * sum_k |x[t, k] * w[n, k]|, with
+    gamma_m = m u / (1 - m u), u = 2^-24. The float64 reference adds at most
+    K * 2^-53 * sum|x w| of its own; we allow 2^-52 K. This is the worst case
+    of this exact order, not a loose fudge factor (a plain sequential float32
+    sum would need m = K + 1, 32 times more for K = 1024).
+    """
+    k = x.shape[1]
+    m = 1 + -(-k // LANES) + 5
+    gamma = m * U32 / (1 - m * U32) + k * 2.0**-52
+    return gamma * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+
+
+def _check_close(x: np.ndarray, q: QTensor, y: np.ndarray) -> None:
+    w = q.dequantize()
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    err = np.abs(y.astype(np.float64) - exact)
+    bound = _bound(x, w)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+# ---- kernel == reference -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=25, deadline=None)
+@given(
+    t=st.integers(1, 20),
+    n=st.integers(1, 40),
+    blocks=st.integers(1, 12),  # K = 32 * blocks: includes odd multiples like 96
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matmul_matches_reference(fmt: str, t: int, n: int, blocks: int, seed: int) -> None:
+    k = 32 * blocks
+    q, x = _qtensor(fmt, n, k, seed), _x(t, k, seed)
+    _check_close(x, q, kernels.matmul(x, q))
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+@settings(max_examples=25, deadline=None)
+@given(
+    t=st.integers(1, 20),
+    n=st.integers(1, 40),
+    k=st.integers(1, 300),  # any K: tiny test models have K % 32 != 0
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matmul_float_formats_any_k(fmt: str, t: int, n: int, k: int, seed: int) -> None:
+    q, x = _qtensor(fmt, n, k, seed), _x(t, k, seed)
+    _check_close(x, q, kernels.matmul(x, q))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [32, 96, 160])
+def test_matmul_uses_exactly_the_dequantized_weights(fmt: str, k: int) -> None:
+    # x = identity: y[t, n] = w[n, t] * 1 plus products with 0, which is exact,
+    # so y == W^T bit for bit iff every decoded weight equals quant.dequantize's.
+    q = _qtensor(fmt, 7, k, seed=k)
+    y = kernels.matmul(np.eye(k, dtype=np.float32), q)
+    np.testing.assert_array_equal(y, q.dequantize().T)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tolerance_catches_one_wrong_weight(fmt: str) -> None:
+    # The bound is tight enough to notice one weight off by one quantisation
+    # step: change one stored byte (a qs byte, or a float's upper byte) and
+    # compare against the reference of the unchanged weights.
+    t, n, k = 3, 5, 96
+    q, x = _qtensor(fmt, n, k, seed=7), _x(t, k, seed=7)
+    _check_close(x, q, kernels.matmul(x, q))
+    data = q.data.copy()
+    data[2, -1] ^= 0x01 if q.format.block_size > 1 else 0x10  # the last weight of row 2
+    y_bad = kernels.matmul(x, QTensor("w", q.format, q.shape, data))
+    with pytest.raises(AssertionError, match="bound"):
+        _check_close(x, q, y_bad)
+
+
+# ---- determinism -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_is_bitwise_independent_of_the_batch(fmt: str) -> None:
+    k = 37 if fmt in FLOAT_FORMATS else 96
+    q = _qtensor(fmt, 13, k, seed=3)
+    x = _x(17, k, seed=3)
+    alone = np.concatenate([kernels.matmul(x[i : i + 1], q) for i in range(17)])
+    for t in (1, 2, 3, 4, 5, 8, 9, 16, 17):
+        np.testing.assert_array_equal(kernels.matmul(x[:t], q), alone[:t], err_msg=f"T={t}")
+    # The same token at every position of a batch of other tokens.
+    others = _x(9, k, seed=4)
+    for pos in range(9):
+        batch = others.copy()
+        batch[pos] = x[5]
+        np.testing.assert_array_equal(kernels.matmul(batch, q)[pos], alone[5])
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bitwise_independent_of_thread_count(fmt: str) -> None:
+    q, x = _qtensor(fmt, 1001, 96, seed=5), _x(6, 96, seed=5)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        y1 = kernels.matmul(x, q)
+        numba.set_num_threads(2)
+        y2 = kernels.matmul(x, q)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(y1, y2)
+
+
+_DIGEST_SCRIPT = """
+import hashlib, numpy as np
+from refinfer import kernels, quant
+from refinfer.quant import QTensor
+rng = np.random.default_rng(11)
+digest = hashlib.sha256()
+for name in ("q8_0", "q4_1", "f32"):
+    fmt = quant.FORMATS[name]
+    w = rng.standard_normal((777, 96), dtype=np.float32)
+    q = QTensor("w", fmt, w.shape, quant.quantize(w, fmt))
+    digest.update(kernels.matmul(rng.standard_normal((5, 96), dtype=np.float32), q).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _digest_with_threads(threads: int) -> str:
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", _DIGEST_SCRIPT], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_bitwise_independent_of_numba_num_threads_env() -> None:
+    # A fresh process per setting: the thread pool size is fixed at start-up.
+    assert _digest_with_threads(1) == _digest_with_threads(2)
+
+
+# ---- the entry point's checks ----------------------------------------------------------
+
+
+def test_matmul_converts_x_and_fills_out() -> None:
+    q = _qtensor("q8_0", 6, 64, seed=9)
+    x64 = np.asfortranarray(_x(3, 64, seed=9).astype(np.float64))
+    expected = kernels.matmul(x64.astype(np.float32), q)
+    out = np.empty((3, 6), np.float32)
+    assert kernels.matmul(x64, q, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_matmul_rejects_unsupported_format() -> None:
+    fmt = quant.Format("q5_k", GGMLQuantizationType.Q5_K, 256, 176)
+    q = QTensor("blk.0.ffn_down.weight", fmt, (2, 256), np.zeros((2, 176), np.uint8))
+    with pytest.raises(UnsupportedFormatError, match="q5_k"):
+        kernels.matmul(np.zeros((1, 256), np.float32), q)
+
+
+@pytest.mark.parametrize(
+    "x_shape, out_shape",
+    [((1, 63), None), ((64,), None), ((2, 64), (2, 5)), ((2, 64), (6, 2))],
+)
+def test_matmul_rejects_shape_mismatch(x_shape, out_shape) -> None:
+    q = _qtensor("q4_0", 6, 64, seed=1)
+    out = None if out_shape is None else np.empty(out_shape, np.float32)
+    with pytest.raises(ValueError, match="matmul|out"):
+        kernels.matmul(np.zeros(x_shape, np.float32), q, out=out)
+
