@@ -40,7 +40,7 @@ Someone suggested a wall; someone else asked who would pay for it, and the meeti
 Spring came late that year, but it came, and the fields were greener than anyone expected.
 The mill was repaired by June, at a cost of 1,450 pounds and a good deal of shouting.
 Margaret planted beans along the new wall and said it was the only sensible use for it.
-Years later, the children would tell the story to their own children, a little differently each time.
+Years later the children told the story to their own children, a little differently each time.
 Measurements taken at the weir showed a peak of 3.8 metres above the usual summer level.
 A survey in 1931 recommended deepening the channel, widening the arches and planting willows.
 The willows were planted; the channel, as far as anyone knows, is just as deep as it ever was.

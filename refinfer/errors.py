@@ -24,3 +24,11 @@ class UnsupportedFormatError(RefinferError):
 
 class TokenizerError(RefinferError):
     """A vocabulary the tokenizer cannot build or use (missing metadata, unknown type, bad id)."""
+
+
+class KVPoolFullError(RefinferError):
+    """The KV pool has too few free blocks for the tokens asked for; nothing was changed."""
+
+
+class InvalidParameterError(RefinferError):
+    """A parameter outside its range (a negative temperature, top_p of 2, ...)."""

@@ -103,9 +103,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly '', held back mid-character)."""
-        data, self._at_start = self._tokenizer._token_bytes(
-            token_id, self._special, self._at_start
-        )
+        data, self._at_start = self._tokenizer._token_bytes(token_id, self._special, self._at_start)
         return self._utf8.decode(data)
 
     def flush(self) -> str:
@@ -134,9 +132,9 @@ class Tokenizer:
         self.add_bos_default = bool(md.get("tokenizer.ggml.add_bos_token", self._adds_bos(md)))
         self.add_eos_default = bool(md.get("tokenizer.ggml.add_eos_token", self._adds_eos()))
         self.chat_template: str | None = md.get("tokenizer.chat_template")
-        self._parsed_types = {CONTROL, UNKNOWN} | self._always_parsed_types()
-        self._special_ids = self._special_texts()
         always = self._always_parsed_types()
+        self._parsed_types = {CONTROL, UNKNOWN} | always  # what parse_special=True matches
+        self._special_ids = self._special_texts()
         self._special_re = _alternation(list(self._special_ids))
         self._always_re = _alternation(
             [text for text, i in self._special_ids.items() if self.types[i] in always]
@@ -159,7 +157,9 @@ class Tokenizer:
                 "the GGUF has no tokenizer metadata (tokenizer.ggml.model): convert the model "
                 "with its tokenizer (llama.cpp's convert_hf_to_gguf.py writes one)"
             )
-        classes = {cls.model: cls for cls in (SentencePieceTokenizer, UnigramTokenizer, BPETokenizer)}
+        classes = {
+            cls.model: cls for cls in (SentencePieceTokenizer, UnigramTokenizer, BPETokenizer)
+        }
         if kind not in classes:
             raise TokenizerError(
                 f"tokenizer.ggml.model is {kind!r}; refinfer reads {', '.join(sorted(classes))}: "
@@ -181,7 +181,7 @@ class Tokenizer:
         """Ids that end a generation: eos, eot, eom, and end-of-turn tokens the template uses."""
         ids = {self._token_id(md, name) for name in ("eos", "eot", "eom")} - {None}
         template = md.get("tokenizer.chat_template") or ""
-        for i, (text, kind) in enumerate(zip(self.tokens, self.types)):
+        for i, (text, kind) in enumerate(zip(self.tokens, self.types, strict=True)):
             if kind == CONTROL and text in END_OF_TURN_TEXTS and text in template:
                 ids.add(i)
         return ids
@@ -189,7 +189,7 @@ class Tokenizer:
     def _special_texts(self) -> dict[str, int]:
         """Text -> id of every token that parse_special may match as a whole."""
         texts: dict[str, int] = {}
-        for i, (text, kind) in enumerate(zip(self.tokens, self.types)):
+        for i, (text, kind) in enumerate(zip(self.tokens, self.types, strict=True)):
             if kind in self._parsed_types and text:
                 texts.setdefault(text, i)
         return texts
@@ -331,7 +331,9 @@ class Tokenizer:
                 eos_token=self._text_of(self.eos_id),
             )
         except TemplateError as e:
-            raise TokenizerError(f"the model's chat template failed on these messages: {e}")
+            raise TokenizerError(
+                f"the model's chat template failed on these messages: {e}"
+            ) from None
 
     def _text_of(self, i: int | None) -> str:
         """A token's stored text, '' for no token."""
@@ -352,6 +354,11 @@ class SentencePieceTokenizer(Tokenizer):
         )
         self.strips_leading_space = self.add_space_prefix or self.remove_extra_whitespaces
         scores = md.get("tokenizer.ggml.scores") or [0.0] * self.vocab_size
+        if len(scores) != self.vocab_size:
+            raise TokenizerError(
+                f"tokenizer.ggml.scores has {len(scores)} entries for {self.vocab_size} tokens: "
+                "the GGUF's vocabulary is damaged; re-convert the model"
+            )
         charsmap = bytes(b & 0xFF for b in md.get("tokenizer.ggml.precompiled_charsmap", []))
         proto = self._model_proto(scores, charsmap)
         try:
@@ -374,7 +381,7 @@ class SentencePieceTokenizer(Tokenizer):
             )
         pieces = b"".join(
             _pb_bytes(1, _pb_bytes(1, text.encode()) + _pb_float(2, score) + _pb_int(3, kind))
-            for text, score, kind in zip(self.tokens, scores, self.types)
+            for text, score, kind in zip(self.tokens, scores, self.types, strict=True)
         )
         trainer = (
             _pb_int(3, self.model_type)
@@ -493,7 +500,8 @@ class BPETokenizer(Tokenizer):
         symbols = [c for c in mapped if c in self._ids]
         ranks, never = self._ranks, len(self._ranks)
         while len(symbols) > 1:
-            best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, never))
+            pairs = zip(symbols, symbols[1:], strict=False)
+            best = min(pairs, key=lambda pair: ranks.get(pair, never))
             if best not in ranks:
                 break
             symbols = _merge_pair(symbols, best)

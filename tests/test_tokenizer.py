@@ -41,7 +41,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS = [
     "The capital of France is Paris. It has been the capital since the 10th century, "
     "more or less, and today about 2.1 million people live there.",
-    "def mean(xs):\n\t\"\"\"Average.\"\"\"\n\treturn sum(xs) / len(xs)    # careful: empty xs\n"
+    'def mean(xs):\n\t"""Average."""\n\treturn sum(xs) / len(xs)    # careful: empty xs\n'
     "\n\nif __name__ == '__main__':\n        print(mean([1, 2,   3]))\t\t\n",
     "3.14159265358979323846 1234567890123456789 1,000,000 0x7fff 1e-9 -42 007 ½ ²³ ٣ ४",
     "I'm sure you're right; he's said we'll go, they'd agree, it's ok. DON'T, can't, O'Neil's"
@@ -260,7 +260,7 @@ SPM_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A tokenizer turns text into numbers, and numbers back into text.",
     "Numbers like 3.14159 and 2718 appear in text too.",
-    'She said: "it\'s fine", and they\'ll see what we\'ve done.',
+    "She said: \"it's fine\", and they'll see what we've done.",
     "Über café naïve — résumé, façade, coöperate.",
     "Привет, мир! Как дела?",
     "def f(x):\n\treturn x  *  2  # doubled",
@@ -326,7 +326,7 @@ def spm_models(tmp_path_factory) -> dict:
     return models
 
 
-@pytest.fixture(params=["llama", "t5"])
+@pytest.fixture(scope="module", params=["llama", "t5"])
 def spm_pair(request, spm_models):
     """One (original, refinfer) pair: SentencePiece BPE as 'llama', unigram as 't5'."""
     return spm_models[request.param]
@@ -414,7 +414,9 @@ def test_end_of_turn_token_from_template(tmp_path):
     md["tokenizer.ggml.tokens"] = md["tokenizer.ggml.tokens"] + ["<|im_end|>"]
     md["tokenizer.ggml.scores"] = md["tokenizer.ggml.scores"] + [0.0]
     md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"] + [CONTROL]
-    md["tokenizer.chat_template"] = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    md["tokenizer.chat_template"] = (
+        "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
     tok = Tokenizer.from_metadata(md)
     assert tok.eos_ids == {tok.eos_id, tok.vocab_size - 1}
 
