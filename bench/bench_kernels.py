@@ -72,8 +72,10 @@ def random_qtensor(fmt: quant.Format, n: int, k: int, rng: np.random.Generator) 
 def bandwidth_table(formats: list[str], repeats: int, rng: np.random.Generator) -> None:
     """(a) GB/s of weight bytes at T = 1, against a float32 BLAS matrix-vector product."""
     print("\n(a) T = 1: GB/s of stored weight bytes, median [min-max]; BLAS = NumPy f32 W @ x")
-    print(f"{'N x K':>11} {'format':>6} {'MB':>7} {'ms':>8} {'GB/s':>24} "
-          f"{'BLAS GB/s':>24} {'ratio':>6}")
+    print(
+        f"{'N x K':>11} {'format':>6} {'MB':>7} {'ms':>8} {'GB/s':>24} "
+        f"{'BLAS GB/s':>24} {'ratio':>6}"
+    )
     for n, k in SHAPES:
         log(f"bandwidth {n}x{k}: BLAS")
         w32 = rng.standard_normal((n, k), dtype=np.float32)
@@ -89,8 +91,11 @@ def bandwidth_table(formats: list[str], repeats: int, rng: np.random.Generator) 
             med, lo, hi = time_call(lambda q=q, x=x, out=out: kernels.matmul(x, q, out), repeats)
             gbs = q.nbytes / med / 1e9
             gbs_txt = f"{gbs:.1f} [{q.nbytes / hi / 1e9:.1f}-{q.nbytes / lo / 1e9:.1f}]"
-            print(f"{n:>5} x {k:<4} {name:>6} {q.nbytes / 1e6:7.2f} {med * 1e3:8.3f} "
-                  f"{gbs_txt:>24} {blas_txt:>24} {gbs / blas:6.2f}", flush=True)
+            print(
+                f"{n:>5} x {k:<4} {name:>6} {q.nbytes / 1e6:7.2f} {med * 1e3:8.3f} "
+                f"{gbs_txt:>24} {blas_txt:>24} {gbs / blas:6.2f}",
+                flush=True,
+            )
 
 
 def amortisation_table(formats: list[str], repeats: int, rng: np.random.Generator) -> None:
@@ -141,7 +146,10 @@ def compile_table(formats: list[str]) -> None:
             log(f"compile time: {label}")
             done = subprocess.run(
                 [sys.executable, "-c", _FIRST_CALL_SCRIPT, ",".join(formats)],
-                env=env, capture_output=True, text=True, check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             seconds = json.loads(done.stdout)
             cells = " ".join(f"{seconds[name]:7.2f}" for name in formats)
@@ -152,10 +160,15 @@ def main() -> None:
     """Parse arguments and print the three tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
-    parser.add_argument("--formats", default=",".join(quant.FORMATS),
-                        help="comma-separated formats (default: all)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="Numba threads (default: NUMBA_NUM_THREADS or all cores)")
+    parser.add_argument(
+        "--formats", default=",".join(quant.FORMATS), help="comma-separated formats (default: all)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Numba threads (default: NUMBA_NUM_THREADS or all cores)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated tables to skip: a,b,c")
     args = parser.parse_args()
     formats = args.formats.split(",")
@@ -168,8 +181,10 @@ def main() -> None:
         numba.set_num_threads(args.threads)
     repeats = 5 if args.quick else 21
     rng = np.random.default_rng(0)
-    print(f"refinfer matmul benchmark: {numba.get_num_threads()} Numba threads, "
-          f"{repeats} repeats, numpy {np.__version__}, numba {numba.__version__}")
+    print(
+        f"refinfer matmul benchmark: {numba.get_num_threads()} Numba threads, "
+        f"{repeats} repeats, numpy {np.__version__}, numba {numba.__version__}"
+    )
     skip = set(args.skip.split(","))
     if "c" not in skip:  # first: the compile table must not find this process's cache
         compile_table(formats)

@@ -220,4 +220,3 @@ def test_matmul_rejects_shape_mismatch(x_shape, out_shape) -> None:
     out = None if out_shape is None else np.empty(out_shape, np.float32)
     with pytest.raises(ValueError, match="matmul|out"):
         kernels.matmul(np.zeros(x_shape, np.float32), q, out=out)
-

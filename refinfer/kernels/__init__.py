@@ -56,8 +56,7 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(w.shape) != 2 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(
-            f"matmul needs x[T, K] and W[N, K]; got x{list(x.shape)} and "
-            f"{w.name!r}{list(w.shape)}"
+            f"matmul needs x[T, K] and W[N, K]; got x{list(x.shape)} and {w.name!r}{list(w.shape)}"
         )
     n, k = w.shape
     raw = np.ascontiguousarray(w.data).view(raw_dtype)
@@ -70,8 +69,7 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
         out = np.empty((x.shape[0], n), dtype=np.float32)
     elif out.shape != (x.shape[0], n) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(
-            f"out must be C-contiguous float32{[x.shape[0], n]}; got "
-            f"{out.dtype}{list(out.shape)}"
+            f"out must be C-contiguous float32{[x.shape[0], n]}; got {out.dtype}{list(out.shape)}"
         )
     kernel(x, raw, table, out)
     return out

@@ -1,33 +1,35 @@
 """Fused dequantise + matrix product kernels: y[T, N] = x[T, K] @ W[N, K]^T.
 
-One generic kernel (`_matmul_rows`) walks the raw rows of W block by block;
-each format contributes two tiny inline functions that decode its bytes:
-`_scales_<fmt>(raw, n, b, table) -> (d, m)` once per block of 32 weights and
-`_weight_<fmt>(raw, n, b, i, d, m, table) -> w` for weight i of block b. Each
-`matmul_<fmt>` entry point is a two-line instantiation of the generic kernel.
+One generic kernel (`_matmul_rows`) walks the raw rows of W block by block.
+Each format contributes one tiny inline decoder, `_weight_<fmt>(raw, n, b, j,
+h, table)`: weight 32 b + 16 h + j of row n as float32, read from the stored
+bytes. Each `matmul_<fmt>` entry point is a one-line instantiation of the
+generic kernel with its decoder (Numba inlines it; the on-disk cache works).
 The NumPy twin of every decoder is `refinfer.quant.dequantize`; the tests hold
 the weights used here to it bit for bit.
 
 Reduction order (the determinism contract). Each output y[t, n] is a sum over
 k of float32 products w[k] * x[t, k]. It is reduced in 32 lanes: lane i
 accumulates the products of k = i, i + 32, i + 64, ... in increasing k (one
-float32 multiply, then one float32 add; never fused into an FMA), and the 32
-lanes are then added in order 0, 1, ..., 31. This order depends on nothing but
-K: not on T, not on the thread count, not on the other tokens of the batch.
-Tokens are processed in groups of 4, 2 and 1 sharing each decoded weight;
-every group size does exactly this arithmetic per output, so a token's output
-is bitwise the same alone or inside any batch.
+float32 multiply, then one float32 add; no fastmath, so never fused into an
+FMA), then the 32 lanes are added as a fixed halving tree (lane i += lane
+i + 16, then i + 8, ..., i + 1). This order depends on nothing but K: not on T,
+not on the thread count, not on the other tokens of the batch. Tokens are
+processed in groups of 4, 2 and 1 that share each decoded weight; every group
+size does exactly this arithmetic per output, so a token's output is bitwise
+the same alone or inside any batch.
 
-Why it is fast (and how it was checked with `inspect_asm` on AVX2):
-- The lane loop `for i in range(32)` is the innermost loop, so LLVM's loop
-  vectoriser turns it into 4 ymm registers of 8 lanes (Numba disables the SLP
-  vectoriser, so a loop of 8 lanes, fully unrolled early, would stay scalar).
-- The accumulators live on the stack (`_stack_empty`): LLVM then knows they
-  cannot alias x, W or y and keeps them in ymm registers for a whole row.
+Why it is fast (checked with `inspect_asm` on AVX2, see _row_dot_group):
+- The loop over 16 lane pairs of a block is innermost; LLVM's loop vectoriser
+  turns it into 4 ymm registers of 8 lanes per token. (Numba turns LLVM's SLP
+  vectoriser off, so shorter loops, which LLVM unrolls fully first, stay scalar:
+  that is why there are 32 lanes and not 8.)
+- The accumulators live on the stack (`_stack_empty`): LLVM then knows that
+  they alias none of x, W, y, and keeps them in ymm registers for a whole row.
 - Indices are unsigned (`U(...)`): with signed indices Numba emits negative-index
   wrap-around code that blocks vectorisation.
 - A group of G tokens reads each block once and decodes each weight once for all
-  G tokens; a row (<= a few KiB) stays in L1 across the groups, so W streams
+  G tokens; a row (a few hundred bytes) stays in L1 across groups, so W streams
   from memory once per call whatever T is.
 """
 
@@ -41,8 +43,7 @@ from numba.np.arrayobj import make_array, populate_array
 
 U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
 LANES = 32  # partial sums per output; lane i takes k = i (mod 32)
-QBLOCK = 32  # weights per block in the block formats (and per lane sweep for all)
-MAX_GROUP = 4  # tokens sharing one pass over a row: 4 x 4 ymm accumulators
+MAX_GROUP = 4  # tokens sharing one pass over a row: 4 x 4 ymm accumulators (AVX2 has 16)
 
 
 # ---- stack scratch -------------------------------------------------------------
@@ -52,8 +53,9 @@ MAX_GROUP = 4  # tokens sharing one pass over a row: 4 x 4 ymm accumulators
 def _stack_empty(typingctx, rows, cols):
     """float32[rows, cols] on the stack, uninitialised (rows, cols: compile-time constants).
 
-    A stack buffer cannot alias any argument, so LLVM keeps it in registers;
-    it is allocated once per function (in the entry block), never per row.
+    A stack buffer cannot alias any argument, so LLVM keeps it in registers
+    (at G = 4, 16 ymm of accumulators, a few spill back to the stack); it is
+    allocated once per call of the parallel body (in its entry block), never per row.
     """
     if not isinstance(rows, types.IntegerLiteral) or not isinstance(cols, types.IntegerLiteral):
         return None
@@ -119,8 +121,8 @@ def _weight_q8_0(raw, n, b, j, h, table):
 def _nibble(byte, h):
     """The low (h = 0) or high (h = 1) 4 bits of a byte."""
     if h == 0:
-        return byte & np.uint8(0x0F)
-    return byte >> np.uint8(4)
+        return np.uint8(byte & np.uint8(0x0F))
+    return np.uint8(byte >> np.uint8(4))
 
 
 # block_q4_0, 18 bytes:  | d: f16 | qs: uint8[16]                          |
@@ -202,10 +204,10 @@ def _matmul_rows(weight, x, raw, table, y):
         n = U(n_signed)
         acc = _stack_empty(MAX_GROUP, LANES)  # (G, 32): registers, not memory
         t0 = 0
-        while T - t0 >= 4:
-            _row_dot_group(weight, raw, n, table, x, t0, 4, K, acc)
-            _store_group(acc, 4, y, t0, n)
-            t0 += 4
+        while T - t0 >= MAX_GROUP:
+            _row_dot_group(weight, raw, n, table, x, t0, MAX_GROUP, K, acc)
+            _store_group(acc, MAX_GROUP, y, t0, n)
+            t0 += MAX_GROUP
         if T - t0 >= 2:
             _row_dot_group(weight, raw, n, table, x, t0, 2, K, acc)
             _store_group(acc, 2, y, t0, n)
