@@ -43,14 +43,18 @@ models: $(VENV)/.installed
 	  || exit 1; \
 	done
 
+DEMO_PROMPT := What are three tips for writing clear code?
+
 demo: $(VENV)/.installed
-	$(BIN)/refinfer info
+	$(BIN)/refinfer generate --chat --prompt "$(DEMO_PROMPT)" -n 160
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/bench_kernels.py
+	$(PY) bench/bench_attention.py
+	$(PY) bench/bench_tokenizer.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check refinfer tests bench

