@@ -59,28 +59,27 @@ class Batch:
         needs just the next-token distribution). If the pool is full, the sequences
         appended so far are rolled back and KVPoolFullError propagates.
         """
-        positions, slots, seq_index, last = [], [], [], []
-        done: list[tuple[int, int]] = []
+        starts, slots = [], []
         try:
-            for row, (seq, tokens) in enumerate(chunks):
+            for seq, tokens in chunks:
                 start = pool.length(seq)
                 slots.append(pool.append(seq, len(tokens)))
-                done.append((seq, start))
-                positions.append(np.arange(start, start + len(tokens)))
-                seq_index.append(np.full(len(tokens), row))
-                last.append(sum(len(t) for _, t in chunks[: row + 1]) - 1)
+                starts.append(start)
         except RefinferError:
-            for seq, start in done:
+            for (seq, _), start in zip(chunks, starts, strict=False):  # the appended ones
                 pool.truncate(seq, start)
             raise
+        lengths = [len(tokens) for _, tokens in chunks]
         tokens = np.concatenate([np.asarray(t, dtype=np.int32) for _, t in chunks])
         return cls(
             tokens=tokens,
-            positions=np.concatenate(positions).astype(np.int32),
-            seq_index=np.concatenate(seq_index).astype(np.int32),
+            positions=np.concatenate(
+                [np.arange(s, s + n, dtype=np.int32) for s, n in zip(starts, lengths, strict=True)]
+            ),
+            seq_index=np.repeat(np.arange(len(chunks)), lengths).astype(np.int32),
             slots=np.concatenate(slots).astype(np.int64),
             block_tables=pool.block_tables([seq for seq, _ in chunks]),
-            logit_rows=np.arange(len(tokens)) if all_logits else np.asarray(last),
+            logit_rows=np.arange(len(tokens)) if all_logits else np.cumsum(lengths) - 1,
         )
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from gguf_factory import write_tiny_llama
 from refinfer import reference
+from refinfer.errors import KVPoolFullError
 from refinfer.gguf import read_gguf, write_quantized
 from refinfer.model import Batch, Model
 from refinfer.tokenizer import Tokenizer
@@ -136,3 +137,12 @@ def test_smollm2_greedy_continuation_is_the_references(smollm2_any: Model) -> No
     # must be the token greedy decoding chose there (so the continuations are equal).
     want = reference.logits(smollm2_any, ids)[len(SMOLLM2_PROMPT) - 1 :].argmax(axis=-1)
     assert out.ids == want.tolist()
+
+
+def test_full_pool_rolls_back_the_whole_batch(tiny: Model) -> None:
+    pool = tiny.new_pool(3 * 16)  # 3 blocks
+    a, b = pool.new_sequence(), pool.new_sequence()
+    with pytest.raises(KVPoolFullError):
+        Batch.append(pool, [(a, list(range(20))), (b, list(range(20)))])  # 2 + 2 blocks
+    assert pool.length(a) == pool.length(b) == 0 and pool.n_free_blocks == 3
+    pool.check()
