@@ -31,6 +31,28 @@ Why it is fast (checked with `inspect_asm` on AVX2, see _row_dot_group):
 - A group of G tokens reads each block once and decodes each weight once for all
   G tokens; a row (a few hundred bytes) stays in L1 across groups, so W streams
   from memory once per call whatever T is.
+
+What limits it (1 thread, 49152 x 576; see bench/bench_kernels.py). T = 1 runs
+at ~8 GB/s for q8_0 (near memory speed) but ~3.7 GB/s for the 4-bit formats
+(decoding: ~17 cycles a block). T = 8 costs 4-5x T = 1 because 32 lanes x 8
+tokens would need 32 ymm accumulators: a group of 4 tokens holds 16, spills a
+few, and every block is decoded once per group. Tried and measured against
+this design in one process (medians of 15 interleaved runs), none kept:
+- FMA accumulation (llvm.fma.f32, exactly rounded): q4_0/q4_1 10-14% faster,
+  but with the smaller q8_0 and f16 loop bodies LLVM fully unrolls the G = 1
+  loop before the loop vectoriser sees it and leaves it scalar: q8_0 T = 1 5x,
+  f16 1.6x slower. The unroll-or-vectorise choice is LLVM's cost heuristic,
+  so it cannot be relied on per format.
+- Decoding a row once into a float32 scratch row, then dotting every token
+  group with it: the scratch (heap) may alias `table` for LLVM, so the block
+  scale is reloaded per weight and the decode stays scalar: 10x slower.
+- 8 lanes (8 tokens x 1 ymm fit in registers) needs LLVM's SLP vectoriser,
+  which Numba reads from numba.core.config.SLP_VECTORIZE (NUMBA_SLP_VECTORIZE,
+  off by default) when each library is optimised; it could be scoped to these
+  kernels by setting it around their compilation, but globally enabled it
+  produced 4-wide xmm code here: 2-5x slower.
+- Groups of 2 instead of 4, and a halving tree written with constant trip
+  counts (so the accumulators are indexed by constants only): no change.
 """
 
 from __future__ import annotations
