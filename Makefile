@@ -51,10 +51,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev models
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_tokenizer.py
+	$(PY) bench/bench_generate.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check refinfer tests bench
