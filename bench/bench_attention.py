@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,34 +26,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import log, time_call  # noqa: E402  (bench/timing.py)
+
 from refinfer.kernels.attention import (  # noqa: E402
     attention_working_memory,
     paged_attention,
 )
 
 H, KVH, HD, BS = 9, 3, 64, 16  # SmolLM2-135M attention, default pool block size
-MIN_SAMPLE_SECONDS = 0.005  # short calls are timed in loops at least this long
-
-
-def log(message: str) -> None:
-    """Progress for people, on stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def time_call(fn, repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) seconds per call of fn() over `repeats` samples."""
-    fn()  # warm up: compile (or load the cache), spin up the thread pool
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    inner = max(1, int(MIN_SAMPLE_SECONDS / once))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) / inner)
-    return float(np.median(samples)), min(samples), max(samples)
 
 
 class Workload:

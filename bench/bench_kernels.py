@@ -24,13 +24,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from timing import log, time_call  # noqa: E402  (bench/timing.py)
 
 from refinfer import kernels, quant  # noqa: E402
 from refinfer.quant import QTensor  # noqa: E402
@@ -39,28 +40,6 @@ from refinfer.quant import QTensor  # noqa: E402
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 AMORTISATION_SHAPES = [(1536, 576), (576, 1536), (49152, 576)]
 TOKENS = [1, 2, 4, 8, 16]
-MIN_SAMPLE_SECONDS = 0.005  # small matrices are timed in loops at least this long
-
-
-def log(message: str) -> None:
-    """Progress for people, on stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def time_call(fn, repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) seconds per call of fn() over `repeats` samples."""
-    fn()  # warm up: compile, page in, spin up the thread pool
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    inner = max(1, int(MIN_SAMPLE_SECONDS / once))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) / inner)
-    return float(np.median(samples)), min(samples), max(samples)
 
 
 def random_qtensor(fmt: quant.Format, n: int, k: int, rng: np.random.Generator) -> QTensor:
