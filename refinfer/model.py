@@ -114,6 +114,39 @@ class LayerWeights:
         )
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """The activation buffers of one forward call of T tokens, allocated once per T.
+
+    A decode loop calls forward with the same T every step, so it allocates nothing
+    after its first step (large, rare T such as a long prefill could be chunked).
+    """
+
+    h: np.ndarray  # (T, D): the normalised input of a block
+    q: np.ndarray  # (T, H, HD)
+    k: np.ndarray  # (T, KVH, HD)
+    v: np.ndarray  # (T, KVH, HD)
+    attn: np.ndarray  # (T, H, HD): attention output, before Wo
+    out: np.ndarray  # (T, D): a block's output, added to the residual stream
+    gate: np.ndarray  # (T, F)
+    up: np.ndarray  # (T, F)
+
+    @classmethod
+    def allocate(cls, c: ModelConfig, T: int) -> Workspace:
+        """Buffers for T tokens of a model with config c."""
+        f32 = np.float32
+        return cls(
+            h=np.empty((T, c.dim), f32),
+            q=np.empty((T, c.n_heads, c.head_dim), f32),
+            k=np.empty((T, c.n_kv_heads, c.head_dim), f32),
+            v=np.empty((T, c.n_kv_heads, c.head_dim), f32),
+            attn=np.empty((T, c.n_heads, c.head_dim), f32),
+            out=np.empty((T, c.dim), f32),
+            gate=np.empty((T, c.ffn_dim), f32),
+            up=np.empty((T, c.ffn_dim), f32),
+        )
+
+
 def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """cos, sin float32[context_length, rope_dim / 2] of angle = position * freq_i."""
     freqs = reference.rope_frequencies(config, freq_factors)
@@ -122,7 +155,10 @@ def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[n
 
 
 class Model:
-    """A loaded model: config, tokenizer, weights (quantised, in the map) and the forward pass."""
+    """A loaded model: config, tokenizer, weights (quantised, in the map) and the forward pass.
+
+    forward() reuses its work buffers between calls: one Model serves one thread.
+    """
 
     def __init__(self, gf: GGUFFile, tokenizer: Tokenizer | None):
         self.path: Path = gf.path
@@ -140,6 +176,7 @@ class Model:
             else None
         )
         self.rope_cos, self.rope_sin = rope_tables(c, freq_factors)
+        self._workspaces: dict[int, Workspace] = {}  # T -> buffers
 
     # ---- the forward pass ----------------------------------------------------
 
@@ -147,33 +184,39 @@ class Model:
         """x[T, D] = rows of token_embd, dequantised (only the T rows are touched)."""
         return dequantize(self.token_embd.data[tokens], self.token_embd.format)
 
-    def attention_block(self, x: np.ndarray, i: int, batch: Batch, pool: KVPool) -> np.ndarray:
-        """Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
-        c, w, T = self.config, self.layers[i], len(x)
-        h = np.empty_like(x)
-        rms_norm(x, w.attn_norm, c.norm_eps, h)
-        q = matmul(h, w.wq).reshape(T, c.n_heads, c.head_dim)
-        k = matmul(h, w.wk).reshape(T, c.n_kv_heads, c.head_dim)
-        v = matmul(h, w.wv).reshape(T, c.n_kv_heads, c.head_dim)
-        rope(q, batch.positions, self.rope_cos, self.rope_sin)
-        rope(k, batch.positions, self.rope_cos, self.rope_sin)
-        pool.k_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = k  # into the pool
-        pool.v_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = v
-        attn = np.empty_like(q)  # (T, H, HD)
-        paged_attention(
-            q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
-            batch.positions, c.sliding_window or 0, attn,
-        )  # fmt: skip
-        return matmul(attn.reshape(T, c.n_heads * c.head_dim), w.wo)
+    def workspace(self, T: int) -> Workspace:
+        """The buffers for a forward call of T tokens (kept for the most recent few T)."""
+        if T not in self._workspaces:
+            if len(self._workspaces) >= 4:  # prefill chunks of many sizes must not pile up
+                self._workspaces.pop(next(iter(self._workspaces)))
+            self._workspaces[T] = Workspace.allocate(self.config, T)
+        return self._workspaces[T]
 
-    def mlp_block(self, x: np.ndarray, i: int) -> np.ndarray:
-        """MLP(RMSNorm(x)) = (silu(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
+    def attention_block(self, x: np.ndarray, i: int, batch: Batch, pool: KVPool, ws: Workspace):
+        """ws.out = Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
+        c, w, T = self.config, self.layers[i], len(x)
+        rms_norm(x, w.attn_norm, c.norm_eps, ws.h)
+        matmul(ws.h, w.wq, ws.q.reshape(T, -1))
+        matmul(ws.h, w.wk, ws.k.reshape(T, -1))
+        matmul(ws.h, w.wv, ws.v.reshape(T, -1))
+        rope(ws.q, batch.positions, self.rope_cos, self.rope_sin)
+        rope(ws.k, batch.positions, self.rope_cos, self.rope_sin)
+        pool.k_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.k  # into the pool
+        pool.v_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.v
+        paged_attention(
+            ws.q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
+            batch.positions, c.sliding_window or 0, ws.attn,
+        )  # fmt: skip
+        matmul(ws.attn.reshape(T, -1), w.wo, ws.out)
+
+    def mlp_block(self, x: np.ndarray, i: int, ws: Workspace) -> None:
+        """ws.out = MLP(RMSNorm(x)) = (silu(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
         c, w = self.config, self.layers[i]
-        h = np.empty_like(x)
-        rms_norm(x, w.ffn_norm, c.norm_eps, h)
-        gate, up = matmul(h, w.w_gate), matmul(h, w.w_up)  # (T, F)
-        silu_mul(gate, up, gate)
-        return matmul(gate, w.w_down)
+        rms_norm(x, w.ffn_norm, c.norm_eps, ws.h)
+        matmul(ws.h, w.w_gate, ws.gate)  # (T, F)
+        matmul(ws.h, w.w_up, ws.up)
+        silu_mul(ws.gate, ws.up, ws.gate)
+        matmul(ws.gate, w.w_down, ws.out)
 
     def forward(
         self, batch: Batch, pool: KVPool, layers: Sequence[int] | None = None
@@ -182,14 +225,17 @@ class Model:
 
         `layers` (default: all, in order) runs a subset, e.g. for self-speculative drafts.
         """
-        x = self.embed(batch.tokens)  # (T, D)
+        ws = self.workspace(len(batch.tokens))
+        x = self.embed(batch.tokens)  # (T, D): the residual stream
         for i in range(self.config.n_layers) if layers is None else layers:
-            x += self.attention_block(x, i, batch, pool)
-            x += self.mlp_block(x, i)
+            self.attention_block(x, i, batch, pool, ws)
+            x += ws.out
+            self.mlp_block(x, i, ws)
+            x += ws.out
         x = np.ascontiguousarray(x[batch.logit_rows])  # (R, D)
         h = np.empty_like(x)
         rms_norm(x, self.output_norm, self.config.norm_eps, h)
-        return matmul(h, self.output)  # (R, V)
+        return matmul(h, self.output)  # (R, V): a new array, the caller keeps it
 
     # ---- the public API ------------------------------------------------------
 
