@@ -115,8 +115,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import numba
 
+    from refinfer.kernels import compiled_cache_present
     from refinfer.model import load
 
+    if not compiled_cache_present():
+        print("refinfer: compiling the kernels for first use (20-60 s, once; cached after)",
+              file=sys.stderr)  # fmt: skip
     if args.threads:
         numba.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -19,6 +19,9 @@ NUMBA_CACHE_DIR to move the cache, NUMBA_NUM_THREADS to limit the threads.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from refinfer import quant
@@ -73,3 +76,11 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
         )
     kernel(x, raw, table, out)
     return out
+
+
+def compiled_cache_present() -> bool:
+    """Whether Numba has cached compiled kernels of this package (else first use compiles)."""
+    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
+    here = Path(__file__).parent
+    roots = [Path(cache_dir)] if cache_dir else [here / "__pycache__"]
+    return any(any(root.rglob("*.nbi")) for root in roots if root.is_dir())
