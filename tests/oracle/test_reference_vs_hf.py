@@ -7,6 +7,7 @@ from the same GGUF, must too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,8 @@ from hf_export import export_hf_to_gguf
 
 from refinfer import reference
 from refinfer.gguf import GGUFFile, read_gguf
+from refinfer.model import Model
+from refinfer.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -27,6 +30,8 @@ transformers = pytest.importorskip("transformers")
 # A wrong RoPE pairing, mask or GQA mapping moves logits by > 1e-2.
 TINY_ATOL = 1e-6
 SMOLLM2_ATOL = 1e-4
+# Both in float32, summing in different orders over 30 layers: observed 7e-5 (logits ~30).
+ENGINE_HF_ATOL = 1e-3
 
 
 def _tiny(kind: str, seed: int):
@@ -75,15 +80,40 @@ def test_window_changes_the_result(tmp_path: Path) -> None:
     assert np.abs(windowed[5:] - unwindowed[5:]).max() > 1e-3
 
 
-def test_smollm2_matches_hf_from_the_same_gguf(smollm2: GGUFFile) -> None:
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2: GGUFFile):
+    """HF's SmolLM2, loaded (dequantised by transformers) from the same GGUF, float64."""
     pytest.importorskip("accelerate")  # HF's GGUF loader needs it
-    directory, name = smollm2.path.parent, smollm2.path.name
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float64
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2.path.parent, gguf_file=smollm2.path.name, dtype=torch.float64
     ).eval()
-    ids = [504, 3575, 282, 4649, 314]  # "The capital of France is" (SmolLM2 adds no BOS)
+
+
+SMOLLM2_IDS = [504, 3575, 282, 4649, 314]  # "The capital of France is" (SmolLM2 adds no BOS)
+
+
+def test_smollm2_reference_matches_hf(smollm2: GGUFFile, hf_smollm2) -> None:
     with torch.no_grad():
-        hf = model(torch.tensor([ids])).logits[0].numpy()
-    ours = reference.logits(smollm2, ids)
+        hf = hf_smollm2(torch.tensor([SMOLLM2_IDS])).logits[0].numpy()
+    ours = reference.logits(smollm2, SMOLLM2_IDS)
     np.testing.assert_allclose(ours, hf, rtol=0, atol=SMOLLM2_ATOL)
     assert int(ours[-1].argmax()) == 7042  # " Paris"
+
+
+def test_smollm2_engine_matches_hf_float32(smollm2: GGUFFile, hf_smollm2) -> None:
+    # The fast engine (float32) against HF in float32: logits within ENGINE_HF_ATOL, and
+    # the same 24 greedy tokens.
+    m = Model(smollm2, Tokenizer.from_metadata(smollm2.metadata))
+    hf32 = copy.deepcopy(hf_smollm2)  # .float() is refused for a model loaded from a GGUF
+    for t in [*hf32.parameters(), *hf32.buffers()]:
+        t.data = t.data.float()
+    ids = m.tokenizer.encode("def fibonacci(n):\n    # return the n-th Fibonacci number\n")
+    with torch.no_grad():
+        hf = hf32(torch.tensor([ids])).logits[0].numpy()
+        hf_greedy = hf32.generate(
+            torch.tensor([SMOLLM2_IDS]), max_new_tokens=24, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )[0, len(SMOLLM2_IDS):].tolist()  # fmt: skip
+    assert np.abs(m.logits(ids) - hf).max() <= ENGINE_HF_ATOL
+    out = m.generate(SMOLLM2_IDS, max_new_tokens=24)
+    assert out.ids == hf_greedy[: len(out.ids)] and len(out.ids) >= 8
