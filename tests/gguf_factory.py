@@ -79,10 +79,11 @@ def write_tiny_llama(
     writer.add_vocab_size(embd.shape[0])
     if sliding_window:
         writer.add_sliding_window(sliding_window)
-    for key, value in (metadata or {}).items():
-        writer.add_key_value(key, *value) if isinstance(value, tuple) else writer.add_string(
-            key, value
-        )
+    for key, value in (metadata or {}).items():  # a str, or (value, GGUFValueType)
+        if isinstance(value, tuple):
+            writer.add_key_value(key, *value)
+        else:
+            writer.add_string(key, value)
     for name, array in tensors.items():
         out = fmt if array.ndim == 2 and array.shape[-1] % fmt.block_size == 0 else F32
         writer.add_tensor(name, quantize(array, out), raw_dtype=out.ggml_type)
