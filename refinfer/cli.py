@@ -122,6 +122,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("refinfer: compiling the kernels for first use (20-60 s, once; cached after)",
               file=sys.stderr)  # fmt: skip
     if args.threads:
+        most = numba.config.NUMBA_NUM_THREADS
+        if not 1 <= args.threads <= most:
+            raise RefinferError(
+                f"--threads must be between 1 and {most} (NUMBA_NUM_THREADS), not {args.threads}"
+            )
         numba.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load(_model_arg(args.model))

@@ -118,6 +118,7 @@ def test_generate_says_paris() -> None:
         (["--top-p", "1.5"], "top_p"),
         (["-n", "9000"], "exceed the model's context of 8192"),
         (["-n", "0"], "max_new_tokens must be at least 1"),
+        (["--threads", "999"], "--threads must be between 1 and"),
     ],
 )
 def test_generate_bad_input_is_one_line(args: list[str], message: str) -> None:
