@@ -28,7 +28,7 @@ from refinfer.quant import QTensor
 FORMATS = list(quant.FORMATS)
 FLOAT_FORMATS = [name for name, f in quant.FORMATS.items() if f.block_size == 1]
 U32 = 2.0**-24  # unit roundoff of float32
-LANES = 32  # the kernel's partial sums per output (refinfer/kernels/matmul.py)
+BLOCK_FORMATS = [name for name, f in quant.FORMATS.items() if f.block_size > 1]
 
 
 def _qtensor(fmt: str, n: int, k: int, seed: int) -> QTensor:
@@ -44,21 +44,30 @@ def _x(t: int, k: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed + 1).standard_normal((t, k), dtype=np.float32)
 
 
-def _bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _roundings(k: int, fmt: str) -> int:
+    """The most roundings any product goes through in the kernel's order for `fmt`.
+
+    Float formats (matmul.py): one per product, ceil(K / 32) adds in its lane,
+    5 levels of the lane tree. Block formats (matmul_blocks.py): the product and
+    its add are one FMA, ceil(K / 8) FMAs in its lane, 3 levels of the lane tree.
+    """
+    if fmt in BLOCK_FORMATS:
+        return -(-k // 8) + 3
+    return 1 + -(-k // 32) + 5
+
+
+def _bound(x: np.ndarray, w: np.ndarray, fmt: str) -> np.ndarray:
     """|y - y_exact| bound for the kernel's order, elementwise over [T, N].
 
-    Each y[t, n] is sum_k fl(x[t, k] * w[n, k]): one rounding per product, then
-    each of 32 lanes adds its ceil(K / 32) products in sequence, then the lanes
-    are added as a tree of depth 5. Every product passes through at most
-    m = 1 + ceil(K / 32) + 5 roundings, so (Higham, Accuracy and Stability,
-    eq. 3.5 / 4.4) |error| <= gamma_m * sum_k |x[t, k] * w[n, k]|, with
-    gamma_m = m u / (1 - m u), u = 2^-24. The float64 reference adds at most
-    K * 2^-53 * sum|x w| of its own; we allow 2^-52 K. This is the worst case
-    of this exact order, not a loose fudge factor (a plain sequential float32
-    sum would need m = K + 1, 32 times more for K = 1024).
+    With m the roundings any product passes through (`_roundings`), Higham
+    (Accuracy and Stability, eq. 3.5 / 4.4) gives |error| <= gamma_m *
+    sum_k |x[t, k] * w[n, k]|, gamma_m = m u / (1 - m u), u = 2^-24. The float64
+    reference adds at most K * 2^-53 * sum|x w| of its own; we allow 2^-52 K.
+    This is the worst case of the exact order, not a loose fudge factor (a plain
+    sequential float32 sum would need m = K + 1, 8 to 32 times more).
     """
     k = x.shape[1]
-    m = 1 + -(-k // LANES) + 5
+    m = _roundings(k, fmt)
     gamma = m * U32 / (1 - m * U32) + k * 2.0**-52
     return gamma * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
 
@@ -67,7 +76,7 @@ def _check_close(x: np.ndarray, q: QTensor, y: np.ndarray) -> None:
     w = q.dequantize()
     exact = x.astype(np.float64) @ w.astype(np.float64).T
     err = np.abs(y.astype(np.float64) - exact)
-    bound = _bound(x, w)
+    bound = _bound(x, w, q.format.name)
     worst = np.unravel_index(np.argmax(err - bound), err.shape)
     assert np.all(err <= bound), f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
 

@@ -27,6 +27,7 @@ import numpy as np
 from refinfer import quant
 from refinfer.errors import UnsupportedFormatError
 from refinfer.kernels import matmul as _mm
+from refinfer.kernels import matmul_blocks as _mb
 from refinfer.quant import QTensor
 
 # format name -> (kernel, dtype the raw bytes are viewed as, lookup table)
@@ -34,9 +35,9 @@ _MATMUL = {
     "f32": (_mm.matmul_f32, np.float32, quant.F16_TO_F32),  # table unused
     "f16": (_mm.matmul_16bit, np.uint16, quant.F16_TO_F32),
     "bf16": (_mm.matmul_16bit, np.uint16, quant.BF16_TO_F32),
-    "q8_0": (_mm.matmul_q8_0, np.uint8, quant.F16_TO_F32),
-    "q4_0": (_mm.matmul_q4_0, np.uint8, quant.F16_TO_F32),
-    "q4_1": (_mm.matmul_q4_1, np.uint8, quant.F16_TO_F32),
+    "q8_0": (_mb.matmul_q8_0, np.uint8, quant.F16_TO_F32),
+    "q4_0": (_mb.matmul_q4_0, np.uint8, quant.F16_TO_F32),
+    "q4_1": (_mb.matmul_q4_1, np.uint8, quant.F16_TO_F32),
 }
 
 

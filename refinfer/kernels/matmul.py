@@ -1,12 +1,11 @@
-"""Fused dequantise + matrix product kernels: y[T, N] = x[T, K] @ W[N, K]^T.
+"""Matrix product kernels for the float formats: y[T, N] = x[T, K] @ W[N, K]^T.
 
-One generic kernel (`_matmul_rows`) walks the raw rows of W block by block.
-Each format contributes one tiny inline decoder, `_weight_<fmt>(raw, n, b, j,
-h, table)`: weight 32 b + 16 h + j of row n as float32, read from the stored
-bytes. Each `matmul_<fmt>` entry point is a one-line instantiation of the
-generic kernel with its decoder (Numba inlines it; the on-disk cache works).
-The NumPy twin of every decoder is `refinfer.quant.dequantize`; the tests hold
-the weights used here to it bit for bit.
+F32, F16 and BF16 weights, any K. (The block formats Q8_0, Q4_0, Q4_1 have their own
+explicit-SIMD kernels in matmul_blocks.py; this file also holds `_stack_empty`, which
+both use.) One generic kernel (`_matmul_rows`) walks the rows of W; each format
+contributes one tiny inline decoder, `_weight_<fmt>(raw, n, b, j, h, table)`: weight
+32 b + 16 h + j of row n as float32 (F16/BF16 through a lookup table, as Numba has no
+float16). The NumPy twin is `refinfer.quant.dequantize`.
 
 Reduction order (the determinism contract). Each output y[t, n] is a sum over
 k of float32 products w[k] * x[t, k]. It is reduced in 32 lanes: lane i
@@ -19,40 +18,20 @@ processed in groups of 4, 2 and 1 that share each decoded weight; every group
 size does exactly this arithmetic per output, so a token's output is bitwise
 the same alone or inside any batch.
 
-Why it is fast (checked with `inspect_asm` on AVX2, see _row_dot_group):
+Why the loop vectorises (checked with `inspect_asm` on AVX2, see _row_dot_group):
 - The loop over 16 lane pairs of a block is innermost; LLVM's loop vectoriser
   turns it into 4 ymm registers of 8 lanes per token. (Numba turns LLVM's SLP
   vectoriser off, so shorter loops, which LLVM unrolls fully first, stay scalar:
-  that is why there are 32 lanes and not 8.)
+  that is why there are 32 lanes and not 8, and why the block formats, where
+  speed matters most, use explicit vector code instead.)
 - The accumulators live on the stack (`_stack_empty`): LLVM then knows that
   they alias none of x, W, y, and keeps them in ymm registers for a whole row.
 - Indices are unsigned (`U(...)`): with signed indices Numba emits negative-index
   wrap-around code that blocks vectorisation.
-- A group of G tokens reads each block once and decodes each weight once for all
-  G tokens; a row (a few hundred bytes) stays in L1 across groups, so W streams
-  from memory once per call whatever T is.
 
-What limits it (1 thread, 49152 x 576; see bench/bench_kernels.py). T = 1 runs
-at ~8 GB/s for q8_0 (near memory speed) but ~3.7 GB/s for the 4-bit formats
-(decoding: ~17 cycles a block). T = 8 costs 4-5x T = 1 because 32 lanes x 8
-tokens would need 32 ymm accumulators: a group of 4 tokens holds 16, spills a
-few, and every block is decoded once per group. Tried and measured against
-this design in one process (medians of 15 interleaved runs), none kept:
-- FMA accumulation (llvm.fma.f32, exactly rounded): q4_0/q4_1 10-14% faster,
-  but with the smaller q8_0 and f16 loop bodies LLVM fully unrolls the G = 1
-  loop before the loop vectoriser sees it and leaves it scalar: q8_0 T = 1 5x,
-  f16 1.6x slower. The unroll-or-vectorise choice is LLVM's cost heuristic,
-  so it cannot be relied on per format.
-- Decoding a row once into a float32 scratch row, then dotting every token
-  group with it: the scratch (heap) may alias `table` for LLVM, so the block
-  scale is reloaded per weight and the decode stays scalar: 10x slower.
-- 8 lanes (8 tokens x 1 ymm fit in registers) needs LLVM's SLP vectoriser,
-  which Numba reads from numba.core.config.SLP_VECTORIZE (NUMBA_SLP_VECTORIZE,
-  off by default) when each library is optimised; it could be scoped to these
-  kernels by setting it around their compilation, but globally enabled it
-  produced 4-wide xmm code here: 2-5x slower.
-- Groups of 2 instead of 4, and a halving tree written with constant trip
-  counts (so the accumulators are indexed by constants only): no change.
+What limits it: 32 lanes x 4 tokens fill the 16 ymm registers, so T = 8 costs
+several times T = 1; and at T = 1 LLVM fully unrolls the F32 one-token body,
+which then stays scalar (about 2x slower than it could be).
 """
 
 from __future__ import annotations
@@ -104,16 +83,7 @@ def _stack_empty(typingctx, rows, cols):
 
 # ---- weight decoders: bytes of row n -> float32 weights ------------------------
 # `_weight_<fmt>(raw, n, b, j, h, table)` is weight 32*b + 16*h + j of row n
-# (j = 0..15, h = 0 or 1): blocks are walked as two halves so that the 4-bit
-# formats read byte j once for both its nibbles. Every weight is computed
-# exactly as quant.dequantize computes it. The block scale is reloaded per
-# weight in the source; LLVM hoists it out of the loop over j.
-
-
-@njit(inline="always")
-def _f16(raw, n, o, table):
-    """The little-endian float16 at bytes o, o + 1 of row n, as float32."""
-    return table[np.uint32(raw[n, o]) | (np.uint32(raw[n, o + U(1)]) << np.uint32(8))]
+# (j = 0..15, h = 0 or 1), exactly as quant.dequantize computes it.
 
 
 @njit(inline="always")
@@ -126,49 +96,6 @@ def _weight_f32(raw, n, b, j, h, table):
 def _weight_16bit(raw, n, b, j, h, table):
     # raw: uint16[N, K] of f16 or bf16 bit patterns;  w = table[raw[n, k]]
     return table[raw[n, U(b) * U(32) + U(h) * U(16) + U(j)]]
-
-
-# block_q8_0, 34 bytes:  | d: f16 | qs: int8[32]         |
-#                        | 0   1 | 2   3  ...        33 |
-@njit(inline="always")
-def _weight_q8_0(raw, n, b, j, h, table):
-    o = U(b) * U(34)
-    d = _f16(raw, n, o, table)
-    q = np.int8(raw[n, o + U(2) + U(h) * U(16) + U(j)])
-    # w = d * qs[16 h + j]
-    return d * np.float32(q)
-
-
-@njit(inline="always")
-def _nibble(byte, h):
-    """The low (h = 0) or high (h = 1) 4 bits of a byte."""
-    if h == 0:
-        return np.uint8(byte & np.uint8(0x0F))
-    return np.uint8(byte >> np.uint8(4))
-
-
-# block_q4_0, 18 bytes:  | d: f16 | qs: uint8[16]                          |
-#                        | 0   1 | 2 ... 17                                |
-#   byte qs[j] = hi << 4 | lo:  lo is weight j, hi is weight j + 16
-@njit(inline="always")
-def _weight_q4_0(raw, n, b, j, h, table):
-    o = U(b) * U(18)
-    d = _f16(raw, n, o, table)
-    q = _nibble(raw[n, o + U(2) + U(j)], h)
-    # w = d * (q - 8)
-    return d * (np.float32(q) - np.float32(8))
-
-
-# block_q4_1, 20 bytes:  | d: f16 | m: f16 | qs: uint8[16], packed as q4_0 |
-#                        | 0   1 | 2   3 | 4 ... 19                        |
-@njit(inline="always")
-def _weight_q4_1(raw, n, b, j, h, table):
-    o = U(b) * U(20)
-    d = _f16(raw, n, o, table)
-    m = _f16(raw, n, o + U(2), table)
-    q = _nibble(raw[n, o + U(4) + U(j)], h)
-    # w = d * q + m   (two roundings: a separate multiply and add, no FMA)
-    return d * np.float32(q) + m
 
 
 # ---- the generic kernel --------------------------------------------------------
@@ -253,21 +180,3 @@ def matmul_f32(x, raw, table, y):
 def matmul_16bit(x, raw, table, y):
     """raw: uint16[N, K] of f16 or bf16 patterns; table: F16_TO_F32 or BF16_TO_F32."""
     _matmul_rows(_weight_16bit, x, raw, table, y)
-
-
-@njit(cache=True, parallel=True)
-def matmul_q8_0(x, raw, table, y):
-    """raw: uint8[N, K / 32 * 34] of block_q8_0; table: F16_TO_F32."""
-    _matmul_rows(_weight_q8_0, x, raw, table, y)
-
-
-@njit(cache=True, parallel=True)
-def matmul_q4_0(x, raw, table, y):
-    """raw: uint8[N, K / 32 * 18] of block_q4_0; table: F16_TO_F32."""
-    _matmul_rows(_weight_q4_0, x, raw, table, y)
-
-
-@njit(cache=True, parallel=True)
-def matmul_q4_1(x, raw, table, y):
-    """raw: uint8[N, K / 32 * 20] of block_q4_1; table: F16_TO_F32."""
-    _matmul_rows(_weight_q4_1, x, raw, table, y)
