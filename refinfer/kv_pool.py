@@ -64,7 +64,7 @@ class PoolStats:
         return self.slots_used / self.slots_allocated if self.slots_allocated else 0.0
 
 
-def _blocks_for(n_tokens: int, block_size: int) -> int:
+def blocks_for(n_tokens: int, block_size: int) -> int:
     """Blocks that hold n_tokens: ceil(n_tokens / BS)."""
     return -(-n_tokens // block_size)
 
@@ -122,7 +122,7 @@ class KVPool:
     def blocks_needed(self, seq: int, n: int) -> int:
         """Free blocks `append(seq, n)` would take: new blocks, plus one for a copy-on-write."""
         s = self._get(seq)
-        new_blocks = _blocks_for(s.length + n, self.block_size) - len(s.blocks)
+        new_blocks = blocks_for(s.length + n, self.block_size) - len(s.blocks)
         return new_blocks + int(self._needs_copy(s, n))
 
     def append(self, seq: int, n: int) -> np.ndarray:
@@ -144,7 +144,7 @@ class KVPool:
             )
         if self._needs_copy(s, n):
             self._copy_last_block(s)
-        while len(s.blocks) < _blocks_for(s.length + n, self.block_size):
+        while len(s.blocks) < blocks_for(s.length + n, self.block_size):
             s.blocks.append(self._allocate())
         positions = np.arange(s.length, s.length + n, dtype=np.int64)  # (n,)
         # slot = block_table[p // BS] * BS + p % BS
@@ -160,7 +160,7 @@ class KVPool:
         s = self._get(seq)
         if not 0 <= new_length <= s.length:
             raise ValueError(f"cannot truncate sequence {seq} of {s.length} tokens to {new_length}")
-        keep = _blocks_for(new_length, self.block_size)
+        keep = blocks_for(new_length, self.block_size)
         self._release(s.blocks[keep:])
         del s.blocks[keep:]
         s.length = new_length
@@ -200,7 +200,7 @@ class KVPool:
         """Assert invariants 1-4 of the module docstring. O(n_blocks + blocks in use)."""
         counts = np.zeros(self.n_blocks, np.int64)  # (n_blocks,) tables holding each block
         for s in self._seqs.values():
-            assert len(s.blocks) == _blocks_for(s.length, self.block_size), "table length"
+            assert len(s.blocks) == blocks_for(s.length, self.block_size), "table length"
             assert len(set(s.blocks)) == len(s.blocks), "a block twice in one table"
             np.add.at(counts, s.blocks, 1)
         assert np.array_equal(counts, self.ref_count), "ref_count != tables holding the block"

@@ -33,7 +33,7 @@ from refinfer.gguf import GGUFFile, read_gguf
 from refinfer.kernels import matmul
 from refinfer.kernels.attention import paged_attention
 from refinfer.kernels.layer_ops import rms_norm, rope, silu_mul
-from refinfer.kv_pool import KVPool
+from refinfer.kv_pool import KVPool, blocks_for
 from refinfer.quant import QTensor, dequantize
 from refinfer.tokenizer import Tokenizer
 
@@ -241,7 +241,7 @@ class Model:
 
     def new_pool(self, n_tokens: int, block_size: int = 16) -> KVPool:
         """A KV pool with room for n_tokens tokens (rounded up to whole blocks)."""
-        return KVPool(self.config, n_blocks=-(-n_tokens // block_size), block_size=block_size)
+        return KVPool(self.config, blocks_for(n_tokens, block_size), block_size)
 
     def check_length(self, n_tokens: int) -> None:
         """RefinferError if n_tokens positions do not fit in the model's context."""

@@ -2,15 +2,17 @@
 
 `matmul(x, w)` multiplies a float32 activation batch x[T, K] by a weight matrix
 W[N, K] kept in its storage format (a `QTensor`: raw GGUF blocks, usually a
-view into the memory-mapped file): y[T, N] = x @ W^T. The kernels in
-`matmul.py` dequantise each block on the fly, so W is never expanded to
-float32 in memory, and a batch of T tokens streams W from memory once.
+view into the memory-mapped file): y[T, N] = x @ W^T. The kernels
+(`matmul_blocks.py` for Q8_0/Q4_0/Q4_1, `matmul.py` for F32/F16/BF16)
+dequantise on the fly, so W is never expanded to float32 in memory, and a
+batch of T tokens streams W from memory once.
 
 The contract the tests hold (tests/test_kernels.py):
 - the weights used are exactly `quant.dequantize(w)` as float32;
-- each y[t, n] is reduced in one fixed order (32 lanes over k, then the lanes
-  left to right; see matmul.py), so results are bitwise identical whatever T,
-  whatever the other tokens in the batch and whatever the thread count;
+- each y[t, n] is reduced in one fixed order (lanes over k, then a fixed tree;
+  8 FMA lanes in matmul_blocks.py, 32 lanes in matmul.py), so results are
+  bitwise identical whatever T, whatever the other tokens in the batch and
+  whatever the thread count;
 - y agrees with the float64 product within float32 rounding of K products.
 
 Kernels are compiled on first use and cached on disk (`cache=True`); set
