@@ -261,8 +261,8 @@ class Model:
         return self.forward(Batch.append(pool, [(seq, list(ids))]), pool)
 
     def generate(self, prompt_or_ids, **kwargs):
-        """Generate a continuation; see refinfer.decoding.plain.generate for the arguments."""
-        from refinfer.decoding.plain import generate
+        """Generate a continuation; see refinfer.decoding.generate.generate for the arguments."""
+        from refinfer.decoding.generate import generate
 
         return generate(self, prompt_or_ids, **kwargs)
 
