@@ -1,23 +1,32 @@
-"""Plain autoregressive decoding: one prefill of the prompt, then one forward call per token.
+"""Generation: prefill the prompt, then decoding steps until EOS or the length limit.
 
-    prompt ids --prefill--> logits of the last position --sample--> token
-    token --decode step (T = 1)--> logits --sample--> next token ... until EOS or max
+    prompt ids --prefill--> logits of the last position --sample--> first token
+    loop: speculative.step (propose, verify in one forward call, keep the accepted tokens)
+          --> one or more tokens --> EOS? length? --> text pieces, streamed
 
-The text is streamed through the tokenizer's incremental decoder, so a piece is
-only handed out once its UTF-8 is complete. Timings follow the usual
-definitions: time to first token = tokenisation + prefill + first sample;
-decode tok/s counts the tokens after the first.
+Plain decoding is the same loop with a proposer that proposes nothing (T = 1 per step);
+`decoding=` picks the strategy (see make_proposer). Every strategy emits exactly the tokens
+of plain decoding when greedy, and samples from the same distribution otherwise.
+
+The text is streamed through the tokenizer's incremental decoder, so a piece is only
+handed out once its UTF-8 is complete. Timings follow the usual definitions: time to first
+token = prefill + first sample; decode tok/s counts the tokens after the first.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from refinfer.errors import RefinferError
+from refinfer.decoding.speculative import DecodeState, DraftLength, Proposer, StepCounts, step
+from refinfer.errors import InvalidParameterError, RefinferError
+from refinfer.kv_pool import KVPool, blocks_for
 from refinfer.model import Batch, Model
 from refinfer.sampling import Sampler, SamplingParams
+
+STRATEGIES = ("plain", "speculative", "self-speculative", "lookahead", "prompt-lookup")
 
 
 @dataclass
@@ -29,6 +38,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
+    steps: StepCounts = field(default_factory=StepCounts)  # the decoding steps after prefill
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -37,7 +47,7 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        """Tokens generated per second after the first (each one decode step)."""
+        """Tokens generated per second after the first (the decoding steps)."""
         n = self.generated_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
 
@@ -64,7 +74,10 @@ class Stream:
 
 
 def _prompt_ids(model: Model, prompt_or_ids: str | Sequence[int]) -> list[int]:
+    """The prompt as token ids: text is encoded with the model's tokenizer, ids are checked."""
     if isinstance(prompt_or_ids, str):
+        if model.tokenizer is None:
+            raise RefinferError(f"{model.path.name} has no vocabulary: give token ids, not text")
         return model.tokenizer.encode(prompt_or_ids)
     ids = [int(i) for i in prompt_or_ids]
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
@@ -75,45 +88,115 @@ def _prompt_ids(model: Model, prompt_or_ids: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def _run(model: Model, prompt: list[int], max_new_tokens: int, sampler: Sampler,
-         result: Generation) -> Iterator[str]:  # fmt: skip
-    """The decode loop; fills `result` and yields text pieces."""
-    stats = result.stats
-    stats.prompt_tokens = len(prompt)
-    pool = model.new_pool(len(prompt) + max_new_tokens)
-    seq = pool.new_sequence()
-    detok = model.tokenizer.stream_decoder()
-    eos = model.tokenizer.eos_ids
-    history = list(prompt)
+class _Emitter:
+    """Hands out accepted tokens: stops at EOS or the length limit, decodes text as it goes."""
 
-    start = time.perf_counter()
-    logits = model.forward(Batch.append(pool, [(seq, prompt)], all_logits=False), pool)
-    token = sampler.sample(logits[-1], history)
-    stats.prefill_seconds = time.perf_counter() - start
-    stats.time_to_first_token = stats.prefill_seconds
-    decode_start = time.perf_counter()
-    while True:
-        result.ids.append(token)
-        history.append(token)
-        stats.generated_tokens += 1
-        if token in eos:
-            result.finish_reason = "eos"
-            break
-        piece = detok.push(token)
-        result.text += piece
+    def __init__(self, model: Model, max_new_tokens: int, result: Generation):
+        tok = model.tokenizer  # None for a model without a vocabulary: ids only, no EOS
+        self.detok = tok.stream_decoder() if tok else None
+        self.eos = tok.eos_ids if tok else set()
+        self.max_new_tokens = max_new_tokens
+        self.result = result
+
+    def push(self, tokens: Sequence[int]) -> Iterator[str]:
+        """Emit tokens in order until one finishes the generation; yield text pieces."""
+        r = self.result
+        for token in tokens:
+            r.ids.append(token)
+            r.stats.generated_tokens += 1
+            if token in self.eos:
+                r.finish_reason = "eos"
+            elif self.detok:
+                yield from self._text(self.detok.push(token))
+            if not r.finish_reason and len(r.ids) == self.max_new_tokens:
+                r.finish_reason = "length"
+            if r.finish_reason:
+                if self.detok:
+                    yield from self._text(self.detok.flush())
+                return
+
+    def _text(self, piece: str) -> Iterator[str]:
+        self.result.text += piece
         if piece:
             yield piece
-        if len(result.ids) == max_new_tokens:
-            result.finish_reason = "length"
-            break
-        logits = model.forward(Batch.append(pool, [(seq, [token])]), pool)
-        token = sampler.sample(logits[-1], history)
-    tail = detok.flush()
-    result.text += tail
-    if tail:
-        yield tail
+
+
+def _run(
+    model: Model,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    proposer: Proposer,
+    draft_length: DraftLength,
+    result: Generation,
+) -> Iterator[str]:
+    """Prefill, then speculative steps until done; fills `result` and yields text pieces."""
+    stats = result.stats
+    stats.prompt_tokens = len(prompt)
+    block_size = 16  # tokens per KV block, as Model.new_pool
+    n_blocks = blocks_for(len(prompt) + max_new_tokens, block_size)  # the accepted sequence
+    pool = KVPool(model.config, n_blocks + proposer.extra_blocks(block_size), block_size)
+    state = DecodeState(model, pool, pool.new_sequence(), list(prompt), sampler)
+    emitter = _Emitter(model, max_new_tokens, result)
+
+    start = time.perf_counter()
+    logits = model.forward(Batch.append(pool, [(state.seq, prompt)], all_logits=False), pool)
+    state.history.append(sampler.sample(logits[-1], prompt))
+    stats.prefill_seconds = stats.time_to_first_token = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    yield from emitter.push(state.history[-1:])
+    while not result.finish_reason:
+        remaining = max_new_tokens - len(result.ids)
+        k = min(draft_length.next_k(), remaining - 1)  # never run past the length limit
+        verdict, proposed, spent = step(state, proposer, k)
+        draft_length.update(proposed, verdict.n_accepted, spent)
+        stats.steps.add(proposed, verdict)
+        yield from emitter.push(verdict.tokens)
     stats.decode_seconds = time.perf_counter() - decode_start
-    pool.free(seq)
+    proposer.close(state)
+    pool.free(state.seq)
+
+
+def make_proposer(
+    model: Model,
+    decoding: str | Proposer = "plain",
+    draft_model: str | os.PathLike | Model | None = None,
+    draft_layers: Sequence[int] | None = None,
+    window: int = 5,
+    ngram: int = 3,
+    guesses: int = 5,
+) -> Proposer:
+    """The proposer of a strategy in STRATEGIES (a Proposer instance is returned as is).
+
+    speculative: draft_model (a path or a loaded Model with the target's vocabulary).
+    self-speculative: draft_layers, or the calibration file beside the model
+    (`refinfer calibrate`). lookahead: window W, ngram N, guesses G. prompt-lookup: ngram
+    is the longest n-gram matched.
+    """
+    from refinfer.decoding.draft import DraftModelProposer
+
+    if isinstance(decoding, Proposer):
+        return decoding
+    if decoding == "plain":
+        return Proposer()
+    if decoding == "speculative":
+        return DraftModelProposer.for_target(model, draft_model)
+    if decoding == "self-speculative":
+        from refinfer.decoding.calibrate import read_calibration
+
+        layers = read_calibration(model.path).layers if draft_layers is None else draft_layers
+        return DraftModelProposer(model, layers=layers)
+    if decoding == "lookahead":
+        from refinfer.decoding.lookahead import LookaheadProposer
+
+        return LookaheadProposer(window, ngram, guesses)
+    if decoding == "prompt-lookup":
+        from refinfer.decoding.prompt_lookup import PromptLookupProposer
+
+        return PromptLookupProposer(max_ngram=ngram)
+    raise InvalidParameterError(
+        f"unknown decoding strategy {decoding!r}; choose one of {', '.join(STRATEGIES)}"
+    )
 
 
 def generate(
@@ -127,24 +210,34 @@ def generate(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     stream: bool = False,
+    decoding: str | Proposer = "plain",
+    draft_k: int = 5,
+    **strategy_options,
 ) -> Generation | Stream:
     """Continue a prompt (text, tokenised with BOS as the model asks, or token ids).
 
     Greedy by default (temperature 0). With stream=True returns a Stream of text
-    pieces whose `.result` holds the Generation once iterated.
+    pieces whose `.result` holds the Generation once iterated. `decoding` is one of
+    STRATEGIES; draft_k tokens are proposed per step at first (adapted between 1 and
+    2 * draft_k); strategy_options go to make_proposer (draft_model, draft_layers, window,
+    ngram, guesses).
     """
     if max_new_tokens < 1:
         raise RefinferError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if draft_k < 1:
+        raise InvalidParameterError(f"draft_k must be at least 1, not {draft_k}")
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
+    proposer = make_proposer(model, decoding, **strategy_options)
     prompt = _prompt_ids(model, prompt_or_ids)
     if not prompt:
         raise RefinferError("the prompt is empty (no tokens); give some text or ids")
     model.check_length(len(prompt) + max_new_tokens)
     result = Generation()
-    pieces = _run(model, prompt, max_new_tokens, Sampler(params), result)
+    length = DraftLength(k=draft_k, k_max=2 * draft_k)
+    pieces = _run(model, prompt, max_new_tokens, Sampler(params), proposer, length, result)
     if stream:
         return Stream(pieces, result)
     for _ in pieces:
