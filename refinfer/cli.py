@@ -109,27 +109,37 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Stream a continuation of the prompt to stdout; counts and speeds to stderr."""
-    import time
-
+def _set_threads(n: int) -> None:
+    """Use n kernel threads (0: Numba's default, all cores)."""
     import numba
 
+    most = numba.config.NUMBA_NUM_THREADS
+    if n and not 1 <= n <= most:
+        raise RefinferError(f"--threads must be between 1 and {most} (NUMBA_NUM_THREADS), not {n}")
+    if n:
+        numba.set_num_threads(n)
+
+
+def _load_model(path: str | None):
+    """Load a model (the default SmolLM2 without a path), announcing a first-use compile."""
     from refinfer.kernels import compiled_cache_present
     from refinfer.model import load
 
     if not compiled_cache_present():
         print("refinfer: compiling the kernels for first use (20-60 s, once; cached after)",
               file=sys.stderr)  # fmt: skip
-    if args.threads:
-        most = numba.config.NUMBA_NUM_THREADS
-        if not 1 <= args.threads <= most:
-            raise RefinferError(
-                f"--threads must be between 1 and {most} (NUMBA_NUM_THREADS), not {args.threads}"
-            )
-        numba.set_num_threads(args.threads)
+    return load(_model_arg(path))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a continuation of the prompt to stdout; counts and speeds to stderr."""
+    import time
+
+    import numba
+
+    _set_threads(args.threads)
     start = time.perf_counter()
-    model = load(_model_arg(args.model))
+    model = _load_model(args.model)
     load_seconds = time.perf_counter() - start
     prompt = args.prompt
     if args.chat:
@@ -138,7 +148,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = model.generate(
         prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, stream=True,
+        seed=args.seed, stream=True, decoding=args.decoding, draft_k=args.draft_k,
+        draft_model=args.draft_model, window=args.window, ngram=args.ngram, guesses=args.guesses,
     )  # fmt: skip
     if not args.chat:
         print(args.prompt, end="", flush=True)
@@ -154,11 +165,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"({numba.get_num_threads()} threads)",
         file=sys.stderr,
     )
+    if args.decoding != "plain":
+        c = s.steps
+        print(
+            f"{args.decoding}: {c.forward_calls} forward calls, {c.proposed} tokens proposed, "
+            f"{c.accepted} accepted ({c.acceptance_rate:.0%}), "
+            f"{c.tokens_per_call:.2f} tokens per forward call",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Choose the self-speculative draft layers on a text; write them beside the model."""
+    from refinfer.decoding.calibrate import calibrate, calibration_path, write_calibration
+
+    _set_threads(args.threads)
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RefinferError(f"{args.text}: cannot read the calibration text ({e})") from e
+    model = _load_model(args.model)
+    ids = model.tokenizer.encode(text)[: args.tokens]
+    progress = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    result = calibrate(model, ids, draft_k=args.draft_k, progress=progress)
+    out = Path(args.output) if args.output else calibration_path(model.path)
+    write_calibration(result, out)
+    print(
+        f"wrote {out}: {len(result.layers)} of {result.n_layers} layers {result.layers}; "
+        f"acceptance {result.acceptance_rate:.0%}, {result.tokens_per_second:.1f} tok/s vs "
+        f"{result.plain_tokens_per_second:.1f} plain ({result.speedup:.2f}x)",
+        file=sys.stderr,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render --help)."""
+    from refinfer.decoding.generate import STRATEGIES
     from refinfer.quant import FORMATS
 
     parser = argparse.ArgumentParser(
@@ -228,7 +272,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    acc = gen.add_argument_group(
+        "accelerated decoding",
+        "Every strategy emits exactly the tokens of plain decoding when greedy, and samples "
+        "from the same distribution otherwise; they differ in speed only. speculative: a "
+        "draft model guesses, the model verifies several tokens per forward call. "
+        "self-speculative: the draft is this model through some of its layers (run "
+        "`refinfer calibrate` once). lookahead: Jacobi iteration proposes n-grams. "
+        "prompt-lookup: proposes what followed the last words earlier in the text.",
+    )
+    acc.add_argument("--decoding", choices=STRATEGIES, default="plain", help="default: plain")
+    acc.add_argument("--draft-model", metavar="D.gguf", help="speculative: the draft model")
+    acc.add_argument(
+        "--draft-k", type=int, default=5, help="tokens proposed per step at first (default 5)"
+    )
+    acc.add_argument("--window", type=int, help="lookahead: window W")
+    acc.add_argument("--ngram", type=int, help="lookahead: n-gram size N; prompt-lookup: "
+                     "the longest n-gram matched")  # fmt: skip
+    acc.add_argument("--guesses", type=int, help="lookahead: n-grams verified per step, G")
     gen.set_defaults(run=cmd_generate)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="choose the layers of the self-speculative draft",
+        description="Measure, on a text, which layers a self-speculative draft (this model "
+        "through a subset of its layers) can skip: rank the layers by how much the draft's "
+        "predictions change without each, estimate the speed-up of dropping the least needed "
+        "ones, then time real generation for the best candidates. Writes the chosen layers "
+        "with the measured acceptance rate and speed to MODEL.self-speculative.json, which "
+        "`generate --decoding self-speculative` reads. Use text like what you will generate.",
+        epilog="Example: refinfer calibrate models/smollm2-135m-q8_0.gguf --text README.md",
+    )
+    cal.add_argument("model", nargs="?", metavar="MODEL.gguf", help="default: SmolLM2")
+    cal.add_argument("--text", required=True, metavar="FILE", help="calibration text (UTF-8)")
+    cal.add_argument("--tokens", type=int, default=512, help="text tokens used (default 512)")
+    cal.add_argument("--draft-k", type=int, default=5, help="tokens drafted per step (default 5)")
+    cal.add_argument("--output", metavar="FILE.json", help="default: beside the model")
+    cal.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    cal.set_defaults(run=cmd_calibrate)
     return parser
 
 

@@ -162,18 +162,21 @@ def make_proposer(
     decoding: str | Proposer = "plain",
     draft_model: str | os.PathLike | Model | None = None,
     draft_layers: Sequence[int] | None = None,
-    window: int = 5,
-    ngram: int = 3,
-    guesses: int = 5,
+    window: int | None = None,
+    ngram: int | None = None,
+    guesses: int | None = None,
 ) -> Proposer:
     """The proposer of a strategy in STRATEGIES (a Proposer instance is returned as is).
 
     speculative: draft_model (a path or a loaded Model with the target's vocabulary).
     self-speculative: draft_layers, or the calibration file beside the model
-    (`refinfer calibrate`). lookahead: window W, ngram N, guesses G. prompt-lookup: ngram
-    is the longest n-gram matched.
+    (`refinfer calibrate`). lookahead: window W, ngram N, guesses G. prompt-lookup: ngram,
+    the longest n-gram matched. Options left None take the proposer's defaults.
     """
     from refinfer.decoding.draft import DraftModelProposer
+
+    def given(**options):  # the options the caller set
+        return {name: value for name, value in options.items() if value is not None}
 
     if isinstance(decoding, Proposer):
         return decoding
@@ -189,11 +192,11 @@ def make_proposer(
     if decoding == "lookahead":
         from refinfer.decoding.lookahead import LookaheadProposer
 
-        return LookaheadProposer(window, ngram, guesses)
+        return LookaheadProposer(**given(W=window, N=ngram, G=guesses))
     if decoding == "prompt-lookup":
         from refinfer.decoding.prompt_lookup import PromptLookupProposer
 
-        return PromptLookupProposer(max_ngram=ngram)
+        return PromptLookupProposer(**given(max_ngram=ngram))
     raise InvalidParameterError(
         f"unknown decoding strategy {decoding!r}; choose one of {', '.join(STRATEGIES)}"
     )
