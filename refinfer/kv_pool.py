@@ -4,7 +4,8 @@ In the data flow it sits beside the model: `model.forward(batch, kv_pool)` asks 
 for slots (`append`), writes each new token's K and V there, and hands the attention kernel
 `k_cache[l]`, `v_cache[l]` and the block tables to read them back. Decoding strategies use
 the rest: `truncate` rolls back rejected draft tokens, `fork` branches a sequence without
-copying, `free` ends one.
+copying, `free` ends one; the batching engine adds prefix caching (`cache_blocks`,
+`cached_prefix`, `new_sequence(cached=...)`).
 
 The design is vLLM's block manager, small:
 - All storage is allocated once, at start-up: `n_blocks` blocks of `BS` token slots, for
@@ -17,20 +18,38 @@ The design is vLLM's block manager, small:
 - Free blocks wait in a FIFO queue: `allocate` takes the block freed longest ago, a freed
   block goes to the back. At start-up the queue holds ids 0, 1, ..., n_blocks - 1 in order,
   so a fresh pool hands out the lowest ids first. The queue is an OrderedDict (a doubly
-  linked list) so that a later prefix cache can also take a block out of its middle in O(1),
+  linked list) so that the prefix cache can also take a block out of its middle in O(1),
   as vLLM's FreeKVCacheBlockQueue does; freed blocks are queued tail block first, so that
-  such a cache would evict a sequence's last tokens before its prefix.
+  the cache evicts a sequence's last tokens before its prefix.
+
+Prefix caching (vLLM's automatic prefix caching). A full block is named by a chained hash
+of its tokens and of every token before it:
+
+    h_0 = H(b"", tokens[0:BS]),  h_i = H(h_{i-1}, tokens[i*BS:(i+1)*BS])   (`hash_blocks`)
+
+so equal hashes mean equal prefixes, and so equal K/V (the forward pass is deterministic).
+The owner of a sequence (who knows its tokens) names its computed full blocks with
+`cache_blocks`; a new sequence whose tokens start with cached blocks takes them by
+reference (`cached_prefix`, then `new_sequence(cached=...)`) and computes only the rest.
+A block keeps its hash after its last reference is released: it waits in the free queue,
+still reusable (a hit takes it out of the middle, O(1)), until `allocate` takes it from the
+front and so evicts it: least recently freed first. A cached block is never written again:
+appending into a cached, partially filled last block (possible after `truncate`) copies it
+first, as for a shared one.
 
 Invariants (`check` asserts them; tests/test_kv_pool.py drives them with hypothesis):
 1. ref_count[b] == the number of block tables that contain b (a table holds b at most once);
 2. a block is in the free queue exactly when ref_count[b] == 0;
 3. so free blocks + blocks in use == n_blocks;
 4. every table holds ceil(length / BS) blocks;
-5. a failed `append` (KVPoolFullError) changes nothing: tables, lengths, counts, free queue.
+5. a failed `append` (KVPoolFullError) changes nothing: tables, lengths, counts, free queue;
+6. the cache maps hash -> block and block -> hash one to one (`_cached`, `_block_hash`);
+7. a sequence records hashes only for its full blocks: len(hashes) <= length // BS.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,10 +62,11 @@ from refinfer.errors import InvalidParameterError, KVPoolFullError
 
 @dataclass
 class _Sequence:
-    """One sequence's view of the pool (a prefix cache would add its block hashes here)."""
+    """One sequence's view of the pool."""
 
     blocks: list[int] = field(default_factory=list)  # block ids, in token order
     length: int = 0  # tokens stored; the last block holds length - (len(blocks) - 1) * BS
+    hashes: list[bytes] = field(default_factory=list)  # hashes of blocks[:len(hashes)], all full
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class PoolStats:
     n_free_blocks: int  # blocks in the free queue
     slots_used: int  # live tokens; a token in a shared block counts once
     slots_allocated: int  # (n_blocks - n_free_blocks) * BS
+    n_cached_blocks: int = 0  # blocks with a prefix-cache hash, in use or free (evictable)
 
     @property
     def utilisation(self) -> float:
@@ -67,6 +88,21 @@ class PoolStats:
 def blocks_for(n_tokens: int, block_size: int) -> int:
     """Blocks that hold n_tokens: ceil(n_tokens / BS)."""
     return -(-n_tokens // block_size)
+
+
+def hash_blocks(tokens: Sequence[int], block_size: int, parent: bytes = b"") -> list[bytes]:
+    """Chained hashes of the full blocks of tokens: h_i = sha256(h_{i-1} || tokens of block i).
+
+    `parent` is the hash of the block before tokens[0] (b"" at the start of a sequence), so
+    hashes can be extended as a sequence grows. SHA-256, not Python's 64-bit hash(): a
+    collision would silently hand one prompt another's keys and values.
+    """
+    hashes = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        block = np.asarray(tokens[start : start + block_size], np.int64).tobytes()
+        parent = hashlib.sha256(parent + block).digest()
+        hashes.append(parent)
+    return hashes
 
 
 class KVPool:
@@ -90,14 +126,26 @@ class KVPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n_blocks))  # FIFO
         self._seqs: dict[int, _Sequence] = {}
         self._next_seq_id = 0
+        self._cached: dict[bytes, int] = {}  # prefix cache: block hash -> block
+        self._block_hash: dict[int, bytes] = {}  # its inverse: block -> hash
 
     # -- sequences ---------------------------------------------------------------------------
 
-    def new_sequence(self) -> int:
-        """Start an empty sequence (no blocks yet) and return its id; ids are never reused."""
+    def new_sequence(self, cached: Sequence[int] = ()) -> int:
+        """Start a sequence and return its id; ids are never reused.
+
+        It is empty, or, given `cached` (blocks from `cached_prefix`), holds their
+        len(cached) * BS tokens by reference: each block gains a reference and leaves the
+        free queue if it was there (a cache hit, O(1) per block).
+        """
         seq = self._next_seq_id
         self._next_seq_id += 1
-        self._seqs[seq] = _Sequence()
+        for b in cached:
+            if self.ref_count[b] == 0:
+                del self._free[b]  # out of the middle of the queue: no longer evictable
+            self.ref_count[b] += 1
+        hashes = [self._block_hash[b] for b in cached]
+        self._seqs[seq] = _Sequence(list(cached), len(cached) * self.block_size, hashes)
         return seq
 
     def length(self, seq: int) -> int:
@@ -163,20 +211,50 @@ class KVPool:
         keep = blocks_for(new_length, self.block_size)
         self._release(s.blocks[keep:])
         del s.blocks[keep:]
+        del s.hashes[new_length // self.block_size :]  # a block cut short is no longer full
         s.length = new_length
 
     def fork(self, seq: int) -> int:
         """A new sequence with the same tokens, sharing every block of seq. O(blocks), no copy."""
         parent = self._get(seq)
         child = self.new_sequence()
-        self._seqs[child] = _Sequence(list(parent.blocks), parent.length)
+        self._seqs[child] = _Sequence(list(parent.blocks), parent.length, list(parent.hashes))
         self.ref_count[parent.blocks] += 1  # a table holds each block once: no repeated index
         return child
 
     def free(self, seq: int) -> None:
-        """End seq: each of its blocks loses a reference; blocks left with none become free."""
+        """End seq: each of its blocks loses a reference; blocks left with none become free.
+
+        Free blocks that are cached keep their hash until evicted (see the module docstring).
+        """
         self._release(self._get(seq).blocks)
         del self._seqs[seq]
+
+    # -- prefix caching ------------------------------------------------------------------------
+
+    def cache_blocks(self, seq: int, hashes: Sequence[bytes]) -> None:
+        """Name seq's full blocks by `hashes` (from `hash_blocks` of its tokens) for reuse.
+
+        hashes[i] belongs to block_table[i]; those beyond the full blocks are ignored, those
+        named before are skipped. A hash already naming another block (the same prefix
+        computed twice) stays with that block. O(new full blocks).
+        """
+        s = self._get(seq)
+        for i in range(len(s.hashes), min(len(hashes), s.length // self.block_size)):
+            h, b = hashes[i], s.blocks[i]
+            assert self._block_hash.get(b, h) == h, "one block named by two hashes"
+            if h not in self._cached and b not in self._block_hash:
+                self._cached[h], self._block_hash[b] = b, h
+            s.hashes.append(h)
+
+    def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest run of leading `hashes` in the cache. O(hits)."""
+        blocks = []
+        for h in hashes:
+            if h not in self._cached:
+                break
+            blocks.append(self._cached[h])
+        return blocks
 
     # -- figures and invariants ----------------------------------------------------------------
 
@@ -194,19 +272,24 @@ class KVPool:
                 fill[b] = max(fill.get(b, 0), used)
         n_free = len(self._free)
         allocated = (self.n_blocks - n_free) * self.block_size
-        return PoolStats(self.n_blocks, n_free, sum(fill.values()), allocated)
+        return PoolStats(
+            self.n_blocks, n_free, sum(fill.values()), allocated, len(self._block_hash)
+        )
 
     def check(self) -> None:
-        """Assert invariants 1-4 of the module docstring. O(n_blocks + blocks in use)."""
+        """Assert invariants 1-4, 6, 7 of the module docstring. O(n_blocks + blocks in use)."""
         counts = np.zeros(self.n_blocks, np.int64)  # (n_blocks,) tables holding each block
         for s in self._seqs.values():
             assert len(s.blocks) == blocks_for(s.length, self.block_size), "table length"
             assert len(set(s.blocks)) == len(s.blocks), "a block twice in one table"
+            assert len(s.hashes) <= s.length // self.block_size, "a hash for a partial block"
             np.add.at(counts, s.blocks, 1)
         assert np.array_equal(counts, self.ref_count), "ref_count != tables holding the block"
         free = np.fromiter(self._free, np.int64, len(self._free))
         assert np.all(self.ref_count[free] == 0), "a free block has references"
         assert len(free) + np.count_nonzero(self.ref_count) == self.n_blocks, "blocks leaked"
+        assert len(self._cached) == len(self._block_hash), "cache maps not one to one"
+        assert all(self._block_hash[b] == h for h, b in self._cached.items()), "cache maps differ"
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -218,9 +301,11 @@ class KVPool:
             raise KeyError(f"sequence {seq} is not in the KV pool (freed or never made)") from None
 
     def _needs_copy(self, s: _Sequence, n: int) -> bool:
-        """Whether appending n tokens would write into a shared, partially filled last block."""
-        partial = s.length % self.block_size != 0
-        return n > 0 and partial and self.ref_count[s.blocks[-1]] > 1
+        """Whether appending n tokens would write into a shared or cached, partial last block."""
+        if n == 0 or s.length % self.block_size == 0:
+            return False
+        last = s.blocks[-1]
+        return bool(self.ref_count[last] > 1) or last in self._block_hash
 
     def _copy_last_block(self, s: _Sequence) -> None:
         """Copy-on-write: give s a private copy of its last block (every layer, K and V)."""
@@ -232,8 +317,10 @@ class KVPool:
         s.blocks[-1] = new
 
     def _allocate(self) -> int:
-        """Take the block freed longest ago, with one reference. O(1)."""
+        """Take the block freed longest ago, with one reference, evicting its hash. O(1)."""
         block, _ = self._free.popitem(last=False)
+        if block in self._block_hash:
+            del self._cached[self._block_hash.pop(block)]
         self.ref_count[block] = 1
         return block
 

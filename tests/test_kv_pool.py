@@ -5,6 +5,11 @@ truncates, forks and frees sequences on a small pool, and after every step reads
 sequence back through its block table: a fork writing into a shared block would change
 its parent's values here, so copy-on-write is proven, not assumed. `check()` must hold
 throughout, and a full pool must raise KVPoolFullError having changed nothing.
+
+The same machine drives the prefix cache: it names sequences' full blocks by the hashes of
+their token values and starts new sequences from cache hits of earlier ones (live or freed).
+Reading those back proves a cached block is never overwritten, by an append, a truncate
+then append, or a reuse after eviction that forgot the hash.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from refinfer.config import ModelConfig, RopeScaling
 from refinfer.errors import InvalidParameterError, KVPoolFullError, RefinferError
-from refinfer.kv_pool import KVPool
+from refinfer.kv_pool import KVPool, hash_blocks
 
 L, KVH, HD = 2, 2, 3
+N_BLOCKS, BS = 8, 4  # the state machine's pool: small, so that caching meets eviction
 
 
 def tiny_config() -> ModelConfig:
@@ -59,9 +65,11 @@ class PoolMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = KVPool(tiny_config(), n_blocks=12, block_size=4)
+        self.pool = KVPool(tiny_config(), n_blocks=N_BLOCKS, block_size=BS)
         self.model: dict[int, list[int]] = {}
         self.next_value = 1
+        self.cached_values: list[list[int]] = []  # token values of sequences when cached
+        self.block_values: dict[bytes, list[int]] = {}  # block hash -> the block's values
 
     def pick(self, data: st.DataObject) -> int:
         return data.draw(st.sampled_from(sorted(self.model)))
@@ -78,8 +86,12 @@ class PoolMachine(RuleBasedStateMachine):
         seq = self.pick(data)
         length, bs = len(self.model[seq]), self.pool.block_size
         table = self.pool.block_table(seq)
-        copy = n > 0 and length % bs != 0 and self.pool.ref_count[table[-1]] > 1
+        shared_or_cached = table and (
+            self.pool.ref_count[table[-1]] > 1 or table[-1] in self.pool._block_hash
+        )
+        copy = n > 0 and length % bs != 0 and shared_or_cached
         needed = -(-(length + n) // bs) - len(table) + copy
+        assert self.pool.blocks_needed(seq, n) == needed
         before = snapshot(self.pool)
         if needed > self.pool.n_free_blocks:
             with pytest.raises(KVPoolFullError, match=f"{needed} blocks needed"):
@@ -123,6 +135,32 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.free(seq)
         del self.model[seq]
 
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def cache(self, data: st.DataObject) -> None:
+        seq = self.pick(data)
+        values = self.model[seq]
+        hashes = hash_blocks(values, BS)
+        self.pool.cache_blocks(seq, hashes)
+        for i, h in enumerate(hashes):
+            self.block_values[h] = values[i * BS : (i + 1) * BS]
+        if len(values) >= BS:
+            self.cached_values.append(list(values))
+
+    @precondition(lambda self: self.cached_values)
+    @rule(data=st.data())
+    def new_sequence_from_cache(self, data: st.DataObject) -> None:
+        values = data.draw(st.sampled_from(self.cached_values))
+        values = values[: data.draw(st.integers(BS, len(values)))]
+        hashes = hash_blocks(values, BS)
+        hits = self.pool.cached_prefix(hashes)
+        free_before = self.pool.n_free_blocks
+        evictable = sum(self.pool.ref_count[b] == 0 for b in hits)
+        seq = self.pool.new_sequence(cached=hits)
+        assert self.pool.n_free_blocks == free_before - evictable  # hits leave the queue
+        assert self.pool.length(seq) == len(hits) * self.pool.block_size
+        self.model[seq] = values[: self.pool.length(seq)]
+
     @invariant()
     def contents_match_the_model(self) -> None:
         self.pool.check()
@@ -138,15 +176,56 @@ class PoolMachine(RuleBasedStateMachine):
             assert list(row[: len(table)]) == table and np.all(row[len(table) :] == -1)
 
     @invariant()
+    def cached_blocks_are_never_overwritten(self) -> None:
+        for h, b in self.pool._cached.items():
+            k = keys_of(self.block_values[h])  # (L, BS, KVH, HD)
+            np.testing.assert_array_equal(self.pool.k_cache[:, b], k)
+            np.testing.assert_array_equal(self.pool.v_cache[:, b], -k)
+
+    @invariant()
     def utilisation_is_consistent(self) -> None:
         s = self.pool.stats()
-        assert s.slots_allocated == (12 - s.n_free_blocks) * 4
+        assert s.slots_allocated == (N_BLOCKS - s.n_free_blocks) * BS
         assert s.slots_used <= s.slots_allocated
         assert s.slots_used >= max((len(v) for v in self.model.values()), default=0)
 
 
 TestPoolMachine = PoolMachine.TestCase
-TestPoolMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_cache_hit_takes_a_free_block_out_of_the_middle_and_evicts_lru() -> None:
+    pool = KVPool(tiny_config(), n_blocks=4, block_size=4)
+    a, b = pool.new_sequence(), pool.new_sequence()
+    pool.append(a, 8)  # blocks 0, 1
+    pool.append(b, 4)  # block 2
+    pool.cache_blocks(a, hash_blocks(list(range(8)), 4))
+    pool.cache_blocks(b, hash_blocks([9, 9, 9, 9], 4))
+    pool.free(a)  # queue: 3, then a's blocks tail first: 1, 0
+    pool.free(b)  # queue: 3, 1, 0, 2
+    assert pool.stats().n_cached_blocks == 3 and pool.n_free_blocks == 4
+    hits = pool.cached_prefix(hash_blocks(list(range(8)) + [5, 5, 5, 5], 4))
+    assert hits == [0, 1]  # the third block was never cached
+    c = pool.new_sequence(cached=hits[:1])  # takes block 0 out of the middle
+    assert list(pool._free) == [3, 1, 2] and pool.length(c) == 4
+    d = pool.new_sequence()
+    pool.append(d, 8)  # takes 3, then evicts 1: the least recently freed cached block
+    assert pool.block_table(d) == [3, 1]
+    assert pool.cached_prefix(hash_blocks(list(range(8)), 4)) == [0]  # block 1 is gone
+    assert pool.cached_prefix(hash_blocks([9, 9, 9, 9], 4)) == [2]  # still reusable
+    pool.check()
+
+
+def test_a_cached_block_cut_short_is_copied_before_it_is_written() -> None:
+    pool = KVPool(tiny_config(), n_blocks=4, block_size=4)
+    a = pool.new_sequence()
+    pool.append(a, 4)
+    pool.cache_blocks(a, hash_blocks([1, 2, 3, 4], 4))
+    pool.truncate(a, 2)  # block 0 is partial for a, still cached with 4 tokens
+    assert pool.blocks_needed(a, 1) == 1
+    np.testing.assert_array_equal(pool.append(a, 1), [4 + 2])  # written into a copy, block 1
+    assert pool.cached_prefix(hash_blocks([1, 2, 3, 4], 4)) == [0]
+    pool.check()
 
 
 def test_fresh_pool_hands_out_lowest_ids_then_fifo() -> None:
