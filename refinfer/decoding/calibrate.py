@@ -13,10 +13,11 @@ depends on the model, so they are measured, not hard-coded (Draft & Verify, Zhan
    sequence truncated to t. agreement(S) estimates the acceptance rate a of a drafted token.
 3. Rank layers by agreement(all but l): the layer whose removal costs least goes first.
    Drop the r first-ranked layers for r = 1 .. L-1 and estimate each set's speed-up with
-   k drafts of relative cost c = |S| / L and a verification of k + 1 tokens costing v
-   (measured) times one decoding step:
+   k drafts of cost c each (the draft's share of the weights a decoding step streams) and
+   the cost model of speculative.DraftLength, in decoding steps:
 
-       tokens per step = (1 - a^(k+1)) / (1 - a),   speed-up = tokens per step / (k c + v)
+       tokens per step = (1 - a^(k+1)) / (1 - a),
+       speed-up = tokens per step / (1 + VERIFY_COST k + c k)
 
 4. Run real self-speculative generation for the best few estimates and for plain decoding;
    keep the fastest, and record its measured acceptance rate and speed.
@@ -29,15 +30,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from refinfer.decoding.draft import DraftModelProposer
+from refinfer.decoding.speculative import VERIFY_COST
 from refinfer.errors import InvalidParameterError, RefinferError
-from refinfer.kv_pool import KVPool
 from refinfer.model import Batch, Model
 
 MIN_TEXT_TOKENS = 64  # fewer positions measure too little
@@ -109,12 +110,11 @@ def calibrate(
     progress(f"ranking {L} layers")
     without = [probe.agreement([j for j in range(L) if j != i]) for i in range(L)]
     ranking = sorted(range(L), key=lambda i: -without[i])  # least needed layer first (stable)
-    v = _verify_cost(model, draft_k)
     candidates = []  # (estimated speed-up, layers, agreement)
     for r in range(1, L):
         layers = sorted(ranking[r:])
-        a = probe.agreement(layers)
-        candidates.append((_estimated_speedup(a, len(layers) / L, draft_k, v), layers, a))
+        a, c = probe.agreement(layers), DraftModelProposer(model, layers).draft_cost
+        candidates.append((_estimated_speedup(a, c, draft_k), layers, a))
         progress(f"{len(layers)} layers: agreement {a:.2f}, estimated speed-up "
                  f"{candidates[-1][0]:.2f}")  # fmt: skip
     probe.close()
@@ -153,33 +153,14 @@ class _AgreementProbe:
         self.pool.free(self.seq)
 
 
-def _verify_cost(model: Model, k: int) -> float:
-    """Measured time of a forward call of k + 1 tokens over that of 1 token (median of 5)."""
-    pool = KVPool(model.config, 2 * (k + 2))
-    seq = pool.new_sequence()
-
-    def seconds(n: int) -> float:
-        samples = []
-        for _ in range(5):
-            start = time.perf_counter()
-            model.forward(Batch.append(pool, [(seq, [0] * n)]), pool)
-            samples.append(time.perf_counter() - start)
-            pool.truncate(seq, 0)
-        return float(np.median(samples))
-
-    seconds(k + 1)  # warm-up: the work buffers of both sizes, the kernels
-    return seconds(k + 1) / seconds(1)
-
-
-def _estimated_speedup(a: float, c: float, k: int, v: float) -> float:
-    """tokens per step / cost per step, in units of one plain decoding step."""
+def _estimated_speedup(a: float, c: float, k: int) -> float:
+    """tokens per step / cost per step, in decoding steps (the cost model of DraftLength)."""
     tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-    return tokens / (k * c + v)
+    return tokens / (1 + VERIFY_COST * k + c * k)
 
 
 def _measure(model: Model, ids: list[int], draft_k: int, candidates: list, progress) -> Calibration:
     """Time plain and self-speculative generation for each candidate; keep the fastest."""
-    from refinfer.decoding.draft import DraftModelProposer
     from refinfer.decoding.generate import generate
 
     prompt = ids[: min(len(ids) // 2, model.config.context_length - GENERATED_TOKENS)]

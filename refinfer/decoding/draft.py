@@ -43,6 +43,7 @@ class DraftModelProposer(Proposer):
         self.draft = draft
         self.layers = None if layers is None else list(layers)
         self.name = "speculative" if layers is None else "self-speculative"
+        self.draft_cost = _weights_per_token(draft, self.layers) / _weights_per_token(draft)
         self.pool: KVPool | None = None  # the draft's own pool (a separate draft model only)
         self.seq = -1
 
@@ -60,7 +61,9 @@ class DraftModelProposer(Proposer):
             )
         model = draft if isinstance(draft, Model) else load(draft)
         _check_vocabulary(target, model)
-        return cls(model)
+        proposer = cls(model)
+        proposer.draft_cost = _weights_per_token(model) / _weights_per_token(target)
+        return proposer
 
     def propose(self, state: DecodeState, k: int) -> Proposal:
         """k draft tokens after state.history, with the distributions they were drawn from."""
@@ -95,6 +98,19 @@ class DraftModelProposer(Proposer):
 def _draw(q: np.ndarray, greedy: bool, state: DecodeState) -> int:
     """The drafted token: the argmax of q when greedy (q is one-hot), else a draw from q."""
     return int(np.argmax(q)) if greedy else state.sampler.draw(q)
+
+
+def _weights_per_token(model: Model, layers: Sequence[int] | None = None) -> int:
+    """Weights a decoding step multiplies through `layers` (default all) and the output head.
+
+    Decoding one token streams every one of them from memory once, so the ratio of two
+    such counts estimates the ratio of their decoding times (draft_cost).
+    """
+    weights = [model.output.n_elements]
+    for i in range(model.config.n_layers) if layers is None else layers:
+        w = model.layers[i]
+        weights += [m.n_elements for m in (w.wq, w.wk, w.wv, w.wo, w.w_gate, w.w_up, w.w_down)]
+    return sum(weights)
 
 
 def _check_layers(layers: Sequence[int], n_layers: int) -> None:

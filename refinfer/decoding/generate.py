@@ -239,7 +239,7 @@ def generate(
         raise RefinferError("the prompt is empty (no tokens); give some text or ids")
     model.check_length(len(prompt) + max_new_tokens)
     result = Generation()
-    length = DraftLength(k=draft_k, k_max=2 * draft_k)
+    length = DraftLength(k=draft_k, k_max=2 * draft_k, draft_cost=proposer.draft_cost)
     pieces = _run(model, prompt, max_new_tokens, Sampler(params), proposer, length, result)
     if stream:
         return Stream(pieces, result)

@@ -16,8 +16,9 @@ step starts by running it. A single branch is appended to the sequence itself; s
 forks (pool.fork shares the prefix blocks; copy-on-write copies just a partial last block).
 
 `DraftLength` adapts k: it grows while whole proposals are accepted, shrinks to what was
-accepted on an early rejection, and pauses proposing (plain steps) when proposals keep
-failing, so a strategy that does not fit the text costs little more than plain decoding.
+accepted on an early rejection, and pauses proposing (plain steps) while speculation costs
+more than it saves, so a strategy that does not fit the text costs little more than plain
+decoding.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Proposer:
     """Proposes nothing: plain decoding. Strategies override propose/observe/close."""
 
     name = "plain"
+    draft_cost = 0.0  # cost of proposing one token, in decoding steps of the target
 
     def propose(self, state: DecodeState, k: int) -> Proposal:
         """Branches of at most k tokens continuing state.history (longer ones are trimmed)."""
@@ -139,20 +141,32 @@ def step(state: DecodeState, proposer: Proposer, k: int) -> tuple[Verdict, int, 
     return verdict, max(len(b) for b in branches), len(batch.tokens) - 1
 
 
+# What one more token in a forward call costs, in decoding steps (T = 1 forward calls): the
+# weights are streamed once for all T tokens, so T tokens cost about 1 + VERIFY_COST (T - 1).
+# Measured by bench/bench_decoding.py (its forward(T) / forward(1) table) on 2 threads.
+VERIFY_COST = 0.2
+
+
 @dataclass
 class DraftLength:
-    """How many tokens to propose next: adaptive, and paused while proposals keep failing.
+    """How many tokens to propose next: adaptive, and paused while speculating does not pay.
 
-    Grow by 2 after a fully accepted proposal (up to k_max), shrink to (accepted + 1) after
-    an early rejection. After `patience` costly steps in a row with nothing accepted, propose
-    nothing for `backoff` steps, doubling the backoff (up to 64) each time it happens again;
-    an accepted token resets both. Deterministic: it depends only on the counts.
+    k grows by 2 after a fully accepted proposal (up to k_max) and shrinks to accepted + 1
+    after an early rejection. Each step that speculated has a gain, tokens emitted per unit
+    of cost, the cost counted in decoding steps:
+
+        cost = 1 + VERIFY_COST * (tokens run beyond the pending one) + draft_cost * proposed
+
+    A moving average of the gain below 1 means plain decoding would be faster here: propose
+    nothing for `backoff` steps (doubling each time, up to 64), then try again; a step that
+    pays resets the backoff. Deterministic: counts only, never the clock, so a seeded
+    sampled generation repeats exactly.
     """
 
     k: int  # tokens to propose next
     k_max: int
-    patience: int = 3
-    misses: int = 0  # proposals in a row with nothing accepted
+    draft_cost: float = 0.0  # cost of drafting one token, in decoding steps of the target
+    gain: float = 1.0  # moving average of the gain, weight 0.3 on the newest step
     backoff: int = 4  # plain steps of the next pause
     paused: int = 0  # plain steps left in the current pause
 
@@ -173,10 +187,10 @@ class DraftLength:
             self.k = min(self.k + 2, self.k_max)
         elif proposed:
             self.k = max(1, min(self.k - 1, accepted + 1))
-        if accepted:
-            self.misses, self.backoff = 0, 4
-            return
-        self.misses += 1
-        if self.misses == self.patience:
-            self.paused, self.misses = self.backoff, 0
+        gain = (accepted + 1) / (1 + VERIFY_COST * spent + self.draft_cost * proposed)
+        self.gain += 0.3 * (gain - self.gain)
+        if gain >= 1:
+            self.backoff = 4
+        if self.gain < 1:
+            self.paused, self.gain = self.backoff, 1.0  # after the pause, judge afresh
             self.backoff = min(2 * self.backoff, 64)
