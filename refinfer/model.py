@@ -260,11 +260,17 @@ class Model:
         seq = pool.new_sequence()
         return self.forward(Batch.append(pool, [(seq, list(ids))]), pool)
 
-    def generate(self, prompt_or_ids, **kwargs):
+    def generate(self, prompt_or_ids, max_new_tokens: int = 32, **kwargs):
         """Generate a continuation; see refinfer.decoding.generate.generate for the arguments."""
         from refinfer.decoding.generate import generate
 
-        return generate(self, prompt_or_ids, **kwargs)
+        return generate(self, prompt_or_ids, max_new_tokens, **kwargs)
+
+    def generate_batch(self, requests, **engine_options):
+        """Run many requests with continuous batching; see refinfer.decoding.batching."""
+        from refinfer.decoding.batching import generate_batch
+
+        return generate_batch(self, requests, **engine_options)
 
 
 def load(path: str | os.PathLike | None = None) -> Model:
