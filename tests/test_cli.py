@@ -125,3 +125,53 @@ def test_generate_bad_input_is_one_line(args: list[str], message: str) -> None:
     status, out, err = run_cli("generate", "--prompt", "Hi", *args)
     assert status == 2, err
     assert err.count("\n") == 1 and message in err
+
+
+def test_generate_with_prompt_lookup_reports_the_speculation() -> None:
+    prompt = "one two three four five one two three four five one two"
+    plain = run_cli("generate", "--prompt", prompt, "-n", "12")
+    status, out, err = run_cli("generate", "--prompt", prompt, "-n", "12",
+                               "--decoding", "prompt-lookup")  # fmt: skip
+    assert status == 0 and out == plain[1]  # greedy: the same text
+    assert "prompt-lookup:" in err and "forward calls" in err and "tokens per forward call" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--decoding", "speculative"], "needs a draft model"),
+        (["--decoding", "lookahead", "--window", "0"], "window W must be"),
+        (["--decoding", "prompt-lookup", "--ngram", "0"], "prompt lookup needs"),
+        (["--decoding", "plain", "--draft-k", "0"], "draft_k must be at least 1"),
+    ],
+)
+def test_generate_bad_decoding_options_are_one_line(args: list[str], message: str) -> None:
+    status, _, err = run_cli("generate", "--prompt", "Hi", *args)
+    assert status == 2, err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_self_speculative_without_calibration_says_how(tmp_path: Path, smollm2_path: Path):
+    model = tmp_path / "m.gguf"
+    model.symlink_to(smollm2_path)
+    status, _, err = run_cli("generate", "--model", str(model), "--prompt", "Hi",
+                             "--decoding", "self-speculative")  # fmt: skip
+    assert status == 2 and "refinfer calibrate" in err and err.count("\n") == 1
+
+
+def test_calibrate_writes_layers_that_generate_uses(tmp_path: Path, smollm2_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.symlink_to(smollm2_path)
+    text = tmp_path / "text.txt"
+    text.write_text(Path(__file__).read_text())  # some Python and English
+    status, _, err = run_cli("calibrate", str(model), "--text", str(text), "--tokens", "96")
+    assert status == 0, err
+    calibration = json.loads((tmp_path / "m.self-speculative.json").read_text())
+    layers = calibration["layers"]
+    assert 0 < len(layers) < 30 and layers == sorted(set(layers)) and layers[-1] < 30
+    assert 0 <= calibration["acceptance_rate"] <= 1 and calibration["text_tokens"] == 96
+    prompt = "The capital of France is"
+    plain = run_cli("generate", "--model", str(model), "--prompt", prompt, "-n", "8")
+    fast = run_cli("generate", "--model", str(model), "--prompt", prompt, "-n", "8",
+                   "--decoding", "self-speculative")  # fmt: skip
+    assert fast[0] == 0 and fast[1] == plain[1] and "self-speculative:" in fast[2]

@@ -150,8 +150,9 @@ def _run(
         k = min(draft_length.next_k(), remaining - 1)  # never run past the length limit
         verdict, proposed, spent = step(state, proposer, k)
         draft_length.update(proposed, verdict.n_accepted, spent)
-        stats.steps.add(proposed, verdict)
+        n_ids = len(result.ids)
         yield from emitter.push(verdict.tokens)
+        stats.steps.add(proposed, verdict.n_accepted, len(result.ids) - n_ids)
     stats.decode_seconds = time.perf_counter() - decode_start
     proposer.close(state)
     pool.free(state.seq)

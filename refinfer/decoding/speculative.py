@@ -90,14 +90,14 @@ class StepCounts:
     forward_calls: int = 0  # target forward calls after the prefill, one per step
     proposed: int = 0  # proposed tokens the target checked (the longest branch per step)
     accepted: int = 0  # proposed tokens accepted
-    emitted: int = 0  # tokens emitted by the steps (accepted + one per step)
+    emitted: int = 0  # tokens emitted by the steps (accepted + one per step, up to EOS)
 
-    def add(self, proposed: int, verdict: Verdict) -> None:
-        """Count one step that checked `proposed` tokens."""
+    def add(self, proposed: int, accepted: int, emitted: int) -> None:
+        """Count one step."""
         self.forward_calls += 1
         self.proposed += proposed
-        self.accepted += verdict.n_accepted
-        self.emitted += len(verdict.tokens)
+        self.accepted += accepted
+        self.emitted += emitted
 
     @property
     def acceptance_rate(self) -> float:
