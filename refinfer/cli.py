@@ -383,10 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument(
         "--draft-k", type=int, default=5, help="tokens proposed per step at first (default 5)"
     )
-    acc.add_argument("--window", type=int, help="lookahead: window W")
-    acc.add_argument("--ngram", type=int, help="lookahead: n-gram size N; prompt-lookup: "
-                     "the longest n-gram matched")  # fmt: skip
-    acc.add_argument("--guesses", type=int, help="lookahead: n-grams verified per step, G")
+    acc.add_argument("--window", type=int, help="lookahead: window W (default 1)")
+    acc.add_argument("--ngram", type=int, help="lookahead: n-gram size N (default 5); "
+                     "prompt-lookup: the longest n-gram matched (default 3)")  # fmt: skip
+    acc.add_argument("--guesses", type=int,
+                     help="lookahead: n-grams verified per step, G (default 2)")  # fmt: skip
     gen.set_defaults(run=cmd_generate)
 
     cal = sub.add_parser(
