@@ -56,6 +56,8 @@ bench: $(VENV)/.installed-dev models
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_decoding.py
+	$(PY) bench/bench_batching.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check refinfer tests bench
