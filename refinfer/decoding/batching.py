@@ -53,6 +53,38 @@ from refinfer.sampling import Sampler, SamplingParams
 FINISH_REASONS = ("eos", "length", "stop", "cancelled", "error")
 
 
+def _is_int(x: Any) -> bool:
+    """Whether x is an integer (JSON's true and false are not)."""
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    """Whether x is a real number (JSON's true and false are not)."""
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _is_list_of(kind: type, x: Any) -> bool:
+    """Whether x is a list of kind (booleans are not ints)."""
+    return isinstance(x, list) and all(isinstance(i, kind) and not isinstance(i, bool) for i in x)
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+JSON_FIELDS: dict[str, Callable[[Any], bool]] = {  # key -> its type check
+    "prompt": lambda x: isinstance(x, str) or _is_list_of(int, x),
+    "messages": lambda x: _is_list_of(dict, x),
+    "temperature": _is_number,
+    "top_k": _is_int,
+    "top_p": _is_number,
+    "min_p": _is_number,
+    "repetition_penalty": _is_number,
+    "seed": _is_int,
+    "max_tokens": lambda x: _is_int(x) and x >= 1,
+    "stop": lambda x: isinstance(x, str) or _is_list_of(str, x),
+    "priority": _is_int,
+    "id": lambda x: isinstance(x, (str, int)) and not isinstance(x, bool),
+}
+
+
 @dataclass
 class Request:
     """One generation to run: a prompt and how to continue it."""
@@ -98,35 +130,6 @@ class Request:
             priority=d.get("priority", 0),
             id=d.get("id"),
         )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
-
-
-def _is_list_of(kind: type | tuple[type, ...], x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(i, kind) and not isinstance(i, bool) for i in x)
-
-
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-JSON_FIELDS: dict[str, Callable[[Any], bool]] = {  # key -> its type check
-    "prompt": lambda x: isinstance(x, str) or _is_list_of(int, x),
-    "messages": lambda x: _is_list_of(dict, x),
-    "temperature": _is_number,
-    "top_k": _is_int,
-    "top_p": _is_number,
-    "min_p": _is_number,
-    "repetition_penalty": _is_number,
-    "seed": _is_int,
-    "max_tokens": lambda x: _is_int(x) and x >= 1,
-    "stop": lambda x: isinstance(x, str) or _is_list_of(str, x),
-    "priority": _is_int,
-    "id": lambda x: isinstance(x, (str, int)) and not isinstance(x, bool),
-}
 
 
 @dataclass
@@ -301,9 +304,10 @@ class Engine:
         tok = self.model.tokenizer
         eos = set(r.stop_token_ids) | (tok.eos_ids if tok and not r.ignore_eos else set())
         s = _Sequence(
-            r, rid, self._arrivals, len(prompt), list(prompt),
-            hash_blocks(prompt, self.pool.block_size), Sampler(r.params), eos,
-            _Text(self.model, r.stop, r.on_text), Completion(rid, list(prompt)), now,
+            request=r, id=rid, arrival=self._arrivals, prompt_len=len(prompt),
+            tokens=list(prompt), hashes=hash_blocks(prompt, self.pool.block_size),
+            sampler=Sampler(r.params), eos=eos, text=_Text(self.model, r.stop, r.on_text),
+            out=Completion(rid, list(prompt)), start=now,
         )  # fmt: skip
         self._arrivals += 1
         self._ids.add(rid)
