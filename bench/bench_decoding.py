@@ -1,7 +1,8 @@
 """Decode speed of every decoding strategy next to plain decoding, on three kinds of prompt.
 
-SmolLM2 Q8_0 (models/, `make models`), greedy, 128 new tokens. The prompts: continue a code
-file with repetitive structure; quote a passage given in the prompt; an open story. Each
+SmolLM2 Q8_0 (models/, `make models`), greedy, 128 new tokens. The prompts, in the chat
+template: continue a code file with repetitive structure (the instruct model writes the file
+out again and extends it); quote a passage given in the prompt; an open story. Each
 strategy runs `--repeats` times per prompt, strategies interleaved so that the machine's
 noise spreads over all of them; the table gives median decode tok/s [min-max], the ratio to
 plain decoding's median in the same run, the acceptance rate and tokens per forward call.
@@ -51,9 +52,6 @@ def area_of_rectangle(width: float, height: float) -> float:
 def perimeter_of_circle(radius: float) -> float:
     """The perimeter of a circle of the given radius."""
     return 2 * math.pi * radius
-
-
-def perimeter_of_square(side: float) -> float:
 '''
 
 PASSAGE = (
@@ -66,7 +64,12 @@ PASSAGE = (
 )
 
 PROMPTS = {
-    "code": ("text", CODE),
+    "code": (
+        "chat",
+        "Continue this Python file: write perimeter_of_square, "
+        "perimeter_of_rectangle, volume_of_cube and volume_of_sphere in the same style."
+        f"\n\n```python\n{CODE}```",
+    ),  # fmt: skip
     "quote": ("chat", f"Repeat this passage word for word:\n\n{PASSAGE}"),
     "story": ("chat", "Write a short story about a lighthouse keeper who finds a map."),
 }
