@@ -53,18 +53,12 @@ def one_thread():
     numba.set_num_threads(before)
 
 
-def _tiny_model() -> Model:
-    """The synthetic model of this module, written once per process (hypothesis reuses it)."""
-    global _TINY
-    if _TINY is None:
-        import tempfile
-
-        path = Path(tempfile.mkdtemp()) / "tiny-batching.gguf"
-        _TINY = Model(read_gguf(write_tiny_llama(path)), tokenizer=None)
-    return _TINY
-
-
-_TINY: Model | None = None
+@pytest.fixture(scope="module", autouse=True)
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """A tiny synthetic Llama without a vocabulary (also the state machine's model)."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("batching") / "tiny.gguf")
+    BatchMachine.model = Model(read_gguf(path), tokenizer=None)
+    return BatchMachine.model
 
 
 def solo_logits(model: Model, prompt: list[int], ids: list[int], block_size: int) -> np.ndarray:
@@ -106,6 +100,8 @@ def run(engine: Engine) -> dict:
 class BatchMachine(RuleBasedStateMachine):
     """Random arrivals, cancellations and steps on a small engine; every end checked solo."""
 
+    model: Model  # set by the `tiny` fixture
+
     @initialize(
         max_seqs=st.integers(1, 4),
         extra_budget=st.integers(0, 8),
@@ -113,7 +109,6 @@ class BatchMachine(RuleBasedStateMachine):
         prefix_caching=st.booleans(),
     )
     def make_engine(self, max_seqs, extra_budget, kv_blocks, prefix_caching) -> None:
-        self.model = _tiny_model()
         self.engine = Engine(
             self.model, max_seqs=max_seqs, max_tokens_per_step=max_seqs + extra_budget,
             kv_blocks=kv_blocks, block_size=BS, prefix_caching=prefix_caching,
@@ -201,8 +196,8 @@ def random_requests(n: int, seed: int, **fields) -> list[Request]:
     ]
 
 
-def test_preemption_recomputes_exactly() -> None:
-    m = _tiny_model()
+def test_preemption_recomputes_exactly(tiny: Model) -> None:
+    m = tiny
     requests = random_requests(12, seed=1)
     engine = Engine(m, max_seqs=4, max_tokens_per_step=8, kv_blocks=7, block_size=BS)
     ids = [engine.add_request(r) for r in requests]
@@ -213,8 +208,8 @@ def test_preemption_recomputes_exactly() -> None:
         check_solo(m, r, done[i])
 
 
-def test_prefix_cache_changes_nothing_and_computes_shared_blocks_once() -> None:
-    m = _tiny_model()
+def test_prefix_cache_changes_nothing_and_computes_shared_blocks_once(tiny: Model) -> None:
+    m = tiny
     tails = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
     requests = [Request(SYSTEM + t, max_tokens=3, keep_logits=True) for t in tails]
     results, stats = {}, {}
@@ -239,8 +234,8 @@ def test_prefix_cache_changes_nothing_and_computes_shared_blocks_once() -> None:
     assert [c.cached_tokens for c in results[True]] == [0, 12, 12, 12, 12]
 
 
-def test_cancel_frees_blocks_at_once_waiting_or_running() -> None:
-    m = _tiny_model()
+def test_cancel_frees_blocks_at_once_waiting_or_running(tiny: Model) -> None:
+    m = tiny
     engine = Engine(m, max_seqs=1, max_tokens_per_step=16, kv_blocks=8, block_size=BS)
     running = engine.add_request(Request(list(range(10)), max_tokens=8))
     waiting = engine.add_request(Request(list(range(20, 30)), max_tokens=8))
@@ -258,8 +253,8 @@ def test_cancel_frees_blocks_at_once_waiting_or_running() -> None:
         engine.cancel(running)
 
 
-def test_priority_then_arrival_order() -> None:
-    m = _tiny_model()
+def test_priority_then_arrival_order(tiny: Model) -> None:
+    m = tiny
     engine = Engine(m, max_seqs=1, max_tokens_per_step=16, block_size=BS)
     for rid, priority in (("a", 0), ("b", 0), ("c", 5), ("d", 1)):
         engine.add_request(Request([1, 2, 3], max_tokens=2, priority=priority, id=rid))
@@ -267,8 +262,8 @@ def test_priority_then_arrival_order() -> None:
     assert order == ["c", "d", "a", "b"]
 
 
-def test_request_larger_than_the_pool_fails_alone() -> None:
-    m = _tiny_model()
+def test_request_larger_than_the_pool_fails_alone(tiny: Model) -> None:
+    m = tiny
     requests = [Request([1, 2, 3], max_tokens=4), Request(list(range(40)), max_tokens=4),
                 Request([], max_tokens=4), Request([4, 5], max_tokens=2)]  # fmt: skip
     out = m.generate_batch(requests, kv_blocks=8, block_size=BS)
@@ -277,8 +272,8 @@ def test_request_larger_than_the_pool_fails_alone() -> None:
     assert "the prompt is empty" in out[2].error
 
 
-def test_decode_tokens_are_never_stalled_by_a_long_prefill() -> None:
-    m = _tiny_model()
+def test_decode_tokens_are_never_stalled_by_a_long_prefill(tiny: Model) -> None:
+    m = tiny
     engine = Engine(m, max_seqs=2, max_tokens_per_step=6, block_size=BS)
     short = engine.add_request(Request([1, 2], max_tokens=6))
     engine.step()  # short's prompt; it samples its first token
@@ -292,11 +287,11 @@ def test_decode_tokens_are_never_stalled_by_a_long_prefill() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_with_text(smollm2_path: Path) -> Model:
+def tiny_with_text(tiny: Model, smollm2_path: Path) -> Model:
     """The tiny model with SmolLM2's tokenizer: its ids 17..127 decode to ASCII."""
     from refinfer.gguf import read_metadata
 
-    m = copy.copy(_tiny_model())
+    m = copy.copy(tiny)
     m.tokenizer = Tokenizer.from_metadata(read_metadata(smollm2_path))
     return m
 
@@ -318,9 +313,9 @@ def test_text_streams_and_stop_strings_cut_it(tiny_with_text: Model) -> None:
     assert whole.ids[: len(cut.ids)] == cut.ids
 
 
-def test_bad_engine_sizes() -> None:
+def test_bad_engine_sizes(tiny: Model) -> None:
     with pytest.raises(InvalidParameterError, match="max_seqs <= max_tokens_per_step"):
-        Engine(_tiny_model(), max_seqs=8, max_tokens_per_step=4)
+        Engine(tiny, max_seqs=8, max_tokens_per_step=4)
 
 
 def test_request_from_json_dict() -> None:
