@@ -137,6 +137,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import numba
 
+    from refinfer.decoding.speculative import VERIFY_COST
+
     _set_threads(args.threads)
     start = time.perf_counter()
     model = _load_model(args.model)
@@ -173,6 +175,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{c.tokens_per_call:.2f} tokens per forward call",
             file=sys.stderr,
         )
+    if s.draft_cost + VERIFY_COST >= 1:
+        print(f"refinfer: a drafted token costs {s.draft_cost:.2f} of a decoding step of the "
+              "model, too much for speculation ever to pay, so every step was plain; use a "
+              "smaller draft", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -56,7 +56,14 @@ from refinfer.decoding.calibrate import (
 from refinfer.decoding.draft import DraftModelProposer
 from refinfer.decoding.generate import generate, make_proposer
 from refinfer.decoding.prompt_lookup import PromptLookupProposer, latest_match
-from refinfer.decoding.speculative import DecodeState, DraftLength, Proposal, Proposer, step
+from refinfer.decoding.speculative import (
+    VERIFY_COST,
+    DecodeState,
+    DraftLength,
+    Proposal,
+    Proposer,
+    step,
+)
 from refinfer.decoding.verify import verify_greedy, verify_sampled
 from refinfer.errors import InvalidParameterError, RefinferError
 from refinfer.gguf import read_gguf
@@ -213,7 +220,7 @@ def test_greedy_emits_exactly_the_plain_greedy_tokens(case, m, prompt, n, draft_
     plain = generate(m.target, prompt, n, repetition_penalty=penalty)
     fast = generate(
         m.target, prompt, n, repetition_penalty=penalty, decoding=decoding, draft_k=draft_k,
-        **options,
+        adaptive=data.draw(st.booleans()), **options,
     )  # fmt: skip
     assert fast.ids == plain.ids
 
@@ -222,7 +229,7 @@ def test_acceptance_is_total_for_an_identical_draft_and_low_for_another_model(m)
     prompt = list(range(20))
 
     def steps(**options):
-        return generate(m.target, prompt, 40, draft_k=4, **options).stats.steps
+        return generate(m.target, prompt, 40, draft_k=4, adaptive=False, **options).stats.steps
 
     for same in (
         steps(decoding="speculative", draft_model=m.target),
@@ -278,7 +285,7 @@ def sampled_draws(m) -> dict[str, tuple[np.ndarray, float]]:
         for seed in range(N_DRAWS):
             g = generate(
                 m.small, SAMPLED_PROMPT, 4, temperature=SAMPLED.temperature, top_k=SAMPLED.top_k,
-                seed=seed, draft_k=2, **options,
+                seed=seed, draft_k=2, adaptive=False, **options,
             )  # fmt: skip
             a, b, c = g.ids[:3]
             counts[(a * V + b) * V + c] += 1
@@ -564,6 +571,16 @@ def test_draft_length_counts_the_draft_cost_and_the_tokens_run() -> None:
     window = DraftLength(k=3, k_max=6)
     window.update(proposed=0, accepted=0, spent=10)  # e.g. a lookahead window, no candidate
     assert window.next_k() == 0
+
+
+def test_a_draft_as_costly_as_the_target_never_speculates_unless_told_to() -> None:
+    # all k accepted gains (k + 1) / (1 + (VERIFY_COST + c) k) < 1 once VERIFY_COST + c >= 1
+    c = 1 - VERIFY_COST
+    assert DraftLength(k=4, k_max=8, draft_cost=c).next_k() == 0
+    assert DraftLength(k=4, k_max=8, draft_cost=c - 0.01).next_k() == 4
+    fixed = DraftLength(k=4, k_max=8, draft_cost=c, adaptive=False)
+    fixed.update(proposed=4, accepted=0, spent=4)  # neither paused nor shrunk
+    assert fixed.next_k() == 4
 
 
 # ---- the greedy verifier on synthetic rows --------------------------------------------

@@ -39,6 +39,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
     steps: StepCounts = field(default_factory=StepCounts)  # the decoding steps after prefill
+    draft_cost: float = 0.0  # the proposer's cost per drafted token, in decoding steps
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -132,7 +133,7 @@ def _run(
 ) -> Iterator[str]:
     """Prefill, then speculative steps until done; fills `result` and yields text pieces."""
     stats = result.stats
-    stats.prompt_tokens = len(prompt)
+    stats.prompt_tokens, stats.draft_cost = len(prompt), draft_length.draft_cost
     block_size = 16  # tokens per KV block, as Model.new_pool
     n_blocks = blocks_for(len(prompt) + max_new_tokens, block_size)  # the accepted sequence
     pool = KVPool(model.config, n_blocks + proposer.extra_blocks(block_size), block_size)
@@ -216,15 +217,18 @@ def generate(
     stream: bool = False,
     decoding: str | Proposer = "plain",
     draft_k: int = 5,
+    adaptive: bool = True,
     **strategy_options,
 ) -> Generation | Stream:
     """Continue a prompt (text, tokenised with BOS as the model asks, or token ids).
 
     Greedy by default (temperature 0). With stream=True returns a Stream of text
     pieces whose `.result` holds the Generation once iterated. `decoding` is one of
-    STRATEGIES; draft_k tokens are proposed per step at first (adapted between 1 and
-    2 * draft_k); strategy_options go to make_proposer (draft_model, draft_layers, window,
-    ngram, guesses).
+    STRATEGIES; draft_k tokens are proposed per step at first, adapted between 1 and
+    2 * draft_k, and speculation pauses while it does not pay (speculative.DraftLength);
+    adaptive=False proposes draft_k tokens every step (to measure a strategy's acceptance,
+    or to exercise it in tests). strategy_options go to make_proposer (draft_model,
+    draft_layers, window, ngram, guesses).
     """
     if max_new_tokens < 1:
         raise RefinferError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
@@ -240,7 +244,7 @@ def generate(
         raise RefinferError("the prompt is empty (no tokens); give some text or ids")
     model.check_length(len(prompt) + max_new_tokens)
     result = Generation()
-    length = DraftLength(k=draft_k, k_max=2 * draft_k, draft_cost=proposer.draft_cost)
+    length = DraftLength(draft_k, 2 * draft_k, proposer.draft_cost, adaptive)
     pieces = _run(model, prompt, max_new_tokens, Sampler(params), proposer, length, result)
     if stream:
         return Stream(pieces, result)

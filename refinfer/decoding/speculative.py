@@ -166,12 +166,27 @@ class DraftLength:
     k: int  # tokens to propose next
     k_max: int
     draft_cost: float = 0.0  # cost of drafting one token, in decoding steps of the target
+    adaptive: bool = True  # False: propose k tokens every step, whatever they cost or gain
     gain: float = 1.0  # moving average of the gain, weight 0.3 on the newest step
     backoff: int = 4  # plain steps of the next pause
     paused: int = 0  # plain steps left in the current pause
 
+    @property
+    def can_pay(self) -> bool:
+        """Whether speculating can ever beat plain decoding with this draft cost.
+
+        A step of k drafts, all accepted, gains (k + 1) / (1 + (VERIFY_COST + draft_cost) k),
+        below 1 for every k once VERIFY_COST + draft_cost >= 1: a draft that costs about as
+        much as the target (another quantisation of it, or nearly all its layers) never pays.
+        """
+        return VERIFY_COST + self.draft_cost < 1
+
     def next_k(self) -> int:
-        """Tokens to propose this step (0 while paused)."""
+        """Tokens to propose this step (0 while paused, and always when drafting cannot pay)."""
+        if not self.adaptive:
+            return self.k
+        if not self.can_pay:
+            return 0
         if self.paused:
             self.paused -= 1
             return 0
@@ -181,7 +196,7 @@ class DraftLength:
         """Adapt after a step that checked `proposed` tokens, accepted `accepted`, and ran
         `spent` tokens beyond the pending one (a lookahead window costs even without a branch).
         """
-        if spent == 0:
+        if spent == 0 or not self.adaptive:
             return
         if proposed and accepted == proposed:
             self.k = min(self.k + 2, self.k_max)
