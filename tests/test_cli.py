@@ -13,6 +13,7 @@ import pytest
 
 from gguf_factory import tiny_llama_tensors, write_tiny_llama
 from refinfer.cli import main
+from refinfer.gguf import read_metadata
 
 
 def run_cli(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "refinfer")):
@@ -151,24 +152,36 @@ def test_generate_bad_decoding_options_are_one_line(args: list[str], message: st
     assert err.count("\n") == 1 and message in err
 
 
-def test_self_speculative_without_calibration_says_how(tmp_path: Path, smollm2_path: Path):
-    model = tmp_path / "m.gguf"
-    model.symlink_to(smollm2_path)
-    status, _, err = run_cli("generate", "--model", str(model), "--prompt", "Hi",
+@pytest.fixture(scope="module")
+def tiny_speaking_smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    """A tiny random 4-layer model with SmolLM2's vocabulary: text in, text out, fast."""
+    T = gguf.GGUFValueType
+    md = read_metadata(smollm2_path)
+    metadata = {}
+    for key, value in md.items():
+        if key.startswith("tokenizer.") and isinstance(value, list):
+            metadata[key] = (value, T.ARRAY, T.STRING if isinstance(value[0], str) else T.INT32)
+        elif key.startswith("tokenizer."):
+            metadata[key] = (value, {str: T.STRING, int: T.UINT32, bool: T.BOOL}[type(value)])
+    path = tmp_path_factory.mktemp("vocab") / "m.gguf"
+    return write_tiny_llama(path, metadata=metadata, vocab_size=len(md["tokenizer.ggml.tokens"]),
+                            n_layers=4)  # fmt: skip
+
+
+def test_self_speculative_without_calibration_says_how(tiny_speaking_smollm2: Path) -> None:
+    status, _, err = run_cli("generate", "--model", str(tiny_speaking_smollm2), "--prompt", "Hi",
                              "--decoding", "self-speculative")  # fmt: skip
     assert status == 2 and "refinfer calibrate" in err and err.count("\n") == 1
 
 
-def test_calibrate_writes_layers_that_generate_uses(tmp_path: Path, smollm2_path: Path) -> None:
-    model = tmp_path / "m.gguf"
-    model.symlink_to(smollm2_path)
-    text = tmp_path / "text.txt"
+def test_calibrate_writes_layers_that_generate_uses(tiny_speaking_smollm2: Path) -> None:
+    model, text = tiny_speaking_smollm2, tiny_speaking_smollm2.with_name("text.txt")
     text.write_text(Path(__file__).read_text())  # some Python and English
     status, _, err = run_cli("calibrate", str(model), "--text", str(text), "--tokens", "96")
     assert status == 0, err
-    calibration = json.loads((tmp_path / "m.self-speculative.json").read_text())
+    calibration = json.loads(model.with_suffix(".self-speculative.json").read_text())
     layers = calibration["layers"]
-    assert 0 < len(layers) < 30 and layers == sorted(set(layers)) and layers[-1] < 30
+    assert 0 < len(layers) < 4 and layers == sorted(set(layers)) and layers[-1] < 4
     assert 0 <= calibration["acceptance_rate"] <= 1 and calibration["text_tokens"] == 96
     prompt = "The capital of France is"
     plain = run_cli("generate", "--model", str(model), "--prompt", prompt, "-n", "8")

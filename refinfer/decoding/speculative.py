@@ -114,9 +114,8 @@ def step(state: DecodeState, proposer: Proposer, k: int) -> tuple[Verdict, int, 
     """Run one step (module doc); return (verdict, tokens proposed, tokens run beyond pending).
 
     Tokens proposed is the longest branch; the tokens run also count every branch and the
-    side chunks, which is what the step spent on speculation.
-    With k = 0 the proposer is not asked (a plain step). state.seq may change (a fork wins);
-    state.history grows by verdict.tokens.
+    side chunks: what the step spent on speculation. With k = 0 the proposer is not asked
+    (a plain step). state.seq may change (a fork wins); state.history grows by verdict.tokens.
     """
     proposal = proposer.propose(state, k) if k > 0 else Proposal([])
     branches = [b[:k] for b in proposal.branches if b] or [[]]
