@@ -191,7 +191,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 TestPoolMachine = PoolMachine.TestCase
-TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestPoolMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
 def test_cache_hit_takes_a_free_block_out_of_the_middle_and_evicts_lru() -> None:
