@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from refinfer.decoding.generate import _prompt_ids
+from refinfer.decoding.generate import prompt_ids
 from refinfer.errors import InvalidParameterError, RefinferError
 from refinfer.kv_pool import KVPool, blocks_for, hash_blocks
 from refinfer.model import Batch, Model
@@ -500,7 +500,7 @@ class Engine:
             text = self.model.tokenizer.apply_chat_template(list(prompt))
             ids = self.model.tokenizer.encode(text, parse_special=True)
         else:
-            ids = _prompt_ids(self.model, prompt)
+            ids = prompt_ids(self.model, prompt)
         if not ids:
             raise RefinferError("the prompt is empty (no tokens); give some text or ids")
         n = len(ids) + r.max_tokens

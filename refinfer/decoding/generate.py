@@ -74,7 +74,7 @@ class Stream:
         return self._pieces
 
 
-def _prompt_ids(model: Model, prompt_or_ids: str | Sequence[int]) -> list[int]:
+def prompt_ids(model: Model, prompt_or_ids: str | Sequence[int]) -> list[int]:
     """The prompt as token ids: text is encoded with the model's tokenizer, ids are checked."""
     if isinstance(prompt_or_ids, str):
         if model.tokenizer is None:
@@ -239,7 +239,7 @@ def generate(
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
     proposer = make_proposer(model, decoding, **strategy_options)
-    prompt = _prompt_ids(model, prompt_or_ids)
+    prompt = prompt_ids(model, prompt_or_ids)
     if not prompt:
         raise RefinferError("the prompt is empty (no tokens); give some text or ids")
     model.check_length(len(prompt) + max_new_tokens)
