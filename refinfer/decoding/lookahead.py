@@ -174,13 +174,13 @@ def blocks_spanned(n_tokens: int, block_size: int) -> int:
 class LookaheadProposer(Proposer):
     """Lookahead decoding with window W, n-gram size N and at most G candidates per step.
 
-    The defaults suit a CPU, where a call of T tokens costs about 1 + 0.15 (T - 1) calls of
-    one token, not the GPU of the paper, where T tokens cost about as much as one. A step
-    saves at most N - 1 calls but pays for W(N-1) + W(W-1)/2 window tokens every time, so:
-    W = 1 (the quadratic level-0 term vanishes), N = 5 (long n-grams for text that repeats
-    itself), G = 2. On SmolLM2-135M, 128 greedy tokens, modelled cost: 1.6x on a prompt
-    that asks to repeat a passage, 0.92x on an open story (no n-gram accepted; the decode
-    loop pauses proposing); the paper's W = 5, N = 3, G = 5 gives 0.53x and 0.65x.
+    The defaults suit a CPU, where a call of T tokens costs about 1 + 0.2 (T - 1) calls of
+    one token (speculative.VERIFY_COST), not the GPU of the paper, where T tokens cost about
+    as much as one. A step saves at most N - 1 calls but pays for W(N-1) + W(W-1)/2 window
+    tokens every time, so: W = 1 (the quadratic level-0 term vanishes), N = 5 (long n-grams
+    for text that repeats itself), G = 2. On SmolLM2-135M, 128 greedy tokens, the paper's
+    W = 5, N = 3, G = 5 ran about twice as many tokens per call for fewer accepted tokens
+    (bench/bench_decoding.py measures the defaults).
     """
 
     name = "lookahead"
