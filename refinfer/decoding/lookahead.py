@@ -178,9 +178,9 @@ class LookaheadProposer(Proposer):
     one token (speculative.VERIFY_COST), not the GPU of the paper, where T tokens cost about
     as much as one. A step saves at most N - 1 calls but pays for W(N-1) + W(W-1)/2 window
     tokens every time, so: W = 1 (the quadratic level-0 term vanishes), N = 5 (long n-grams
-    for text that repeats itself), G = 2. On SmolLM2-135M, 128 greedy tokens, the paper's
-    W = 5, N = 3, G = 5 ran about twice as many tokens per call for fewer accepted tokens
-    (bench/bench_decoding.py measures the defaults).
+    for text that repeats itself), G = 2: up to 14 tokens per call. The paper's W = 5, N = 3,
+    G = 5 runs up to 35 and was slower on each of bench/bench_decoding.py's three prompts
+    (SmolLM2-135M, 128 greedy tokens).
     """
 
     name = "lookahead"
