@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numba
 import pytest
 from hypothesis import settings
 
@@ -36,3 +37,14 @@ def smollm2(smollm2_path: Path) -> GGUFFile:
 def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with F32 weights."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Numba on one thread for a module of tiny forward calls, where a second thread only adds
+    synchronisation (results do not depend on the thread count); restored afterwards.
+    Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)

@@ -17,7 +17,6 @@ import copy
 import json
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -40,17 +39,10 @@ from refinfer.model import Batch, Model
 from refinfer.sampling import Sampler, SamplingParams
 from refinfer.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one Numba thread
+
 BS = 4  # block size of the tiny engines: small, so a few tokens fill a pool
 SYSTEM = [7, 3, 99, 12, 5, 64, 31, 8, 100, 2, 77, 41]  # a shared prompt prefix, 3 blocks
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward calls: threads only add synchronisation (results do not depend on it)."""
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,7 +2,7 @@
 
 What this file proves, on tiny synthetic models (ids only, no tokenizer):
 - greedy: every strategy (prompt lookup, a draft model, the target as its own draft,
-  self-speculative layer subsets, lookahead when it imports, and a test proposer of
+  self-speculative layer subsets, lookahead, and a test proposer of
   several branches, which makes step() fork) emits plain greedy decoding's tokens, token
   for token, on hypothesis-generated prompts, random draft_k and repetition penalties.
   Exact equality: the verifier must accept exactly the target's argmax.
@@ -39,7 +39,6 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -71,15 +70,7 @@ from refinfer.kv_pool import KVPool, blocks_for
 from refinfer.model import Batch, Model
 from refinfer.sampling import Sampler, SamplingParams, probabilities
 
-try:
-    import refinfer.decoding.lookahead  # noqa: F401  (another engineer's work, may not exist)
-
-    LOOKAHEAD = pytest.param("lookahead")
-except ImportError:
-    LOOKAHEAD = pytest.param(
-        "lookahead",
-        marks=pytest.mark.skip(reason="refinfer.decoding.lookahead does not import yet"),
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one Numba thread
 
 Z_1E4 = 3.719016  # standard normal quantile at 1 - 1e-4
 MIN_EXPECTED = 5  # cells expected to hold fewer draws are pooled into one
@@ -88,15 +79,6 @@ MIN_EXPECTED = 5  # cells expected to hold fewer draws are pooled into one
 def tiny(path: Path, **sizes) -> Model:
     """A synthetic model without a vocabulary: generate() works on ids."""
     return Model(read_gguf(write_tiny_llama(path, **sizes)), tokenizer=None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Numba on one thread for this module (see the module doc)."""
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +166,7 @@ PROMPTS = st.one_of(
     ),
 )
 CASES = ["prompt-lookup", "several-matches", "draft-other", "draft-self", "self-speculative"]
-CASES += [LOOKAHEAD]
+CASES += ["lookahead"]
 
 
 def strategy(case: str, m: SimpleNamespace, draw) -> tuple[str | Proposer, dict]:
@@ -406,7 +388,7 @@ POOL_CASES = {  # case -> (decoding, options) given the models
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize(
-    "case", ["draft-other", "self-speculative", "prompt-lookup", "several-matches", LOOKAHEAD]
+    "case", ["draft-other", "self-speculative", "prompt-lookup", "several-matches", "lookahead"]
 )
 def test_pool_holds_a_fresh_prefill_of_the_accepted_tokens_after_every_step(
     m, case, temperature
