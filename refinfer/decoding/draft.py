@@ -36,14 +36,20 @@ from refinfer.sampling import probabilities
 class DraftModelProposer(Proposer):
     """k tokens from a draft model (another model, or the target through `layers` only)."""
 
-    def __init__(self, draft: Model, layers: Sequence[int] | None = None) -> None:
-        """A draft proposer; with `layers`, `draft` is the target itself (self-speculative)."""
+    def __init__(
+        self, draft: Model, layers: Sequence[int] | None = None, target: Model | None = None
+    ) -> None:
+        """A draft for `target`; with `layers` and no target, `draft` is the target itself
+        run through those layers (self-speculative)."""
         if layers is not None:
             _check_layers(layers, draft.config.n_layers)
         self.draft = draft
         self.layers = None if layers is None else list(layers)
         self.name = "speculative" if layers is None else "self-speculative"
-        self.draft_cost = _weights_per_token(draft, self.layers) / _weights_per_token(draft)
+        # a drafted token's cost in decoding steps of the target (speculative.DraftLength)
+        self.draft_cost = _weights_per_token(draft, self.layers) / _weights_per_token(
+            target or draft
+        )
         self.pool: KVPool | None = None  # the draft's own pool (a separate draft model only)
         self.seq = -1
 
@@ -61,9 +67,7 @@ class DraftModelProposer(Proposer):
             )
         model = draft if isinstance(draft, Model) else load(draft)
         _check_vocabulary(target, model)
-        proposer = cls(model)
-        proposer.draft_cost = _weights_per_token(model) / _weights_per_token(target)
-        return proposer
+        return cls(model, target=target)
 
     def propose(self, state: DecodeState, k: int) -> Proposal:
         """k draft tokens after state.history, with the distributions they were drawn from."""
