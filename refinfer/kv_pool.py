@@ -85,6 +85,9 @@ class PoolStats:
         return self.slots_used / self.slots_allocated if self.slots_allocated else 0.0
 
 
+BLOCK_SIZE = 16  # tokens per block unless a pool is made otherwise (vLLM's default too)
+
+
 def blocks_for(n_tokens: int, block_size: int) -> int:
     """Blocks that hold n_tokens: ceil(n_tokens / BS)."""
     return -(-n_tokens // block_size)
@@ -108,7 +111,7 @@ def hash_blocks(tokens: Sequence[int], block_size: int, parent: bytes = b"") -> 
 class KVPool:
     """Fixed-size blocks of K/V storage shared by all sequences; see the module docstring."""
 
-    def __init__(self, config: ModelConfig, n_blocks: int, block_size: int = 16) -> None:
+    def __init__(self, config: ModelConfig, n_blocks: int, block_size: int = BLOCK_SIZE) -> None:
         """Allocate K and V for n_blocks blocks of block_size tokens, every layer, once."""
         if n_blocks < 1 or block_size < 1:
             raise InvalidParameterError(

@@ -33,7 +33,7 @@ from refinfer.gguf import GGUFFile, read_gguf
 from refinfer.kernels import matmul
 from refinfer.kernels.attention import paged_attention
 from refinfer.kernels.layer_ops import rms_norm, rope, silu_mul
-from refinfer.kv_pool import KVPool, blocks_for
+from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.quant import QTensor, dequantize
 from refinfer.tokenizer import Tokenizer
 
@@ -239,7 +239,7 @@ class Model:
 
     # ---- the public API ------------------------------------------------------
 
-    def new_pool(self, n_tokens: int, block_size: int = 16) -> KVPool:
+    def new_pool(self, n_tokens: int, block_size: int = BLOCK_SIZE) -> KVPool:
         """A KV pool with room for n_tokens tokens (rounded up to whole blocks)."""
         return KVPool(self.config, blocks_for(n_tokens, block_size), block_size)
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from refinfer.decoding.generate import prompt_ids
 from refinfer.errors import InvalidParameterError, RefinferError
-from refinfer.kv_pool import KVPool, blocks_for, hash_blocks
+from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for, hash_blocks
 from refinfer.model import Batch, Model
 from refinfer.sampling import Sampler, SamplingParams
 
@@ -258,7 +258,7 @@ class Engine:
         max_seqs: int = 16,
         max_tokens_per_step: int = 256,
         kv_blocks: int = 512,
-        block_size: int = 16,
+        block_size: int = BLOCK_SIZE,
         prefix_caching: bool = True,
     ) -> None:
         """An engine running at most max_seqs sequences, max_tokens_per_step tokens a step,

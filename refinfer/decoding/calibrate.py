@@ -39,6 +39,7 @@ import numpy as np
 from refinfer.decoding.draft import DraftModelProposer
 from refinfer.decoding.speculative import VERIFY_COST
 from refinfer.errors import InvalidParameterError, RefinferError
+from refinfer.kv_pool import BLOCK_SIZE
 from refinfer.model import Batch, Model
 
 MIN_TEXT_TOKENS = 64  # fewer positions measure too little
@@ -129,9 +130,8 @@ class _AgreementProbe:
         self.model, self.ids = model, ids
         n = len(ids)
         self.positions = np.unique(np.linspace(1, n - 1, SAMPLED_POSITIONS).astype(int))
-        # room for the text plus one block per position (a copy of a partial block, or a new
-        # one); 16 is new_pool's block size
-        self.pool = model.new_pool(n + len(self.positions) * 16)
+        # room for the text plus one block per position (a copy of a partial block, or a new one)
+        self.pool = model.new_pool(n + len(self.positions) * BLOCK_SIZE)
         self.seq = self.pool.new_sequence()
         logits = model.forward(Batch.append(self.pool, [(self.seq, ids)]), self.pool)
         self.target = np.argmax(logits[self.positions], axis=1)  # y_t at each sampled t

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from refinfer.decoding.speculative import DecodeState, DraftLength, Proposer, StepCounts, step
 from refinfer.errors import InvalidParameterError, RefinferError
-from refinfer.kv_pool import KVPool, blocks_for
+from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.model import Batch, Model
 from refinfer.sampling import Sampler, SamplingParams
 
@@ -134,9 +134,8 @@ def _run(
     """Prefill, then speculative steps until done; fills `result` and yields text pieces."""
     stats = result.stats
     stats.prompt_tokens, stats.draft_cost = len(prompt), draft_length.draft_cost
-    block_size = 16  # tokens per KV block, as Model.new_pool
-    n_blocks = blocks_for(len(prompt) + max_new_tokens, block_size)  # the accepted sequence
-    pool = KVPool(model.config, n_blocks + proposer.extra_blocks(block_size), block_size)
+    n_blocks = blocks_for(len(prompt) + max_new_tokens, BLOCK_SIZE)  # the accepted sequence
+    pool = KVPool(model.config, n_blocks + proposer.extra_blocks(BLOCK_SIZE))
     state = DecodeState(model, pool, pool.new_sequence(), list(prompt), sampler)
     emitter = _Emitter(model, max_new_tokens, result)
 
