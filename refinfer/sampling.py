@@ -80,8 +80,10 @@ def apply_repetition_penalty(
     a seen token less likely. A token seen many times is penalised once.
     """
     out = np.array(logits, dtype=np.float64)  # (V,) a copy: the caller's logits stay as they are
+    if penalty == 1.0:  # off: the previous tokens need not even be read
+        return out
     ids = np.unique(np.fromiter(previous_ids, np.int64))
-    if penalty != 1.0 and ids.size:
+    if ids.size:
         seen = out[ids]
         # l' = l / penalty if l > 0 else l * penalty
         out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
