@@ -42,8 +42,10 @@ def test_parameters_out_of_range_are_one_line_errors(W, N, G, name):
 
 
 def test_parameters_at_the_limits_are_accepted():
-    LookaheadProposer(1, 2, 1)
-    LookaheadProposer(64, 16, 64)
+    for W, N, G in [(1, 2, 1), (64, 16, 64)]:
+        proposer = LookaheadProposer(W, N, G)
+        assert (proposer.W, proposer.N, proposer.G) == (W, N, G)
+        assert proposer.extra_blocks(16) >= W + G  # a block at least per column and candidate
 
 
 # ---- the n-gram pool -------------------------------------------------------------------
