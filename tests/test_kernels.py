@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quant_blocks import random_rows
 from refinfer import kernels, quant
 from refinfer.errors import UnsupportedFormatError
 from refinfer.quant import QTensor
@@ -32,11 +33,23 @@ BLOCK_FORMATS = [name for name, f in quant.FORMATS.items() if f.block_size > 1]
 
 
 def _qtensor(fmt: str, n: int, k: int, seed: int) -> QTensor:
-    """A random (N, K) weight matrix stored in `fmt`, rows at varied scales."""
+    """A random (N, K) weight matrix stored in `fmt`, rows at varied scales.
+
+    Formats refinfer can write are quantised from Gaussian weights; the others (K-quants,
+    IQ4) are random blocks with finite scales (tests/quant_blocks.py).
+    """
+    if fmt not in quant.QUANTIZE_FORMATS:
+        return QTensor("w", quant.FORMATS[fmt], (n, k), random_rows(quant.FORMATS[fmt], n, k, seed))
     rng = np.random.default_rng(seed)
     scale = np.float32(2.0) ** rng.integers(-4, 4, size=(n, 1)).astype(np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32) * scale
     return QTensor("w", quant.FORMATS[fmt], (n, k), quant.quantize(w, quant.FORMATS[fmt]))
+
+
+def _k(fmt: str, blocks: int) -> int:
+    """K of `blocks` 32-weight groups, rounded up to whole blocks of `fmt` (256 for K-quants)."""
+    qk = max(32, quant.FORMATS[fmt].block_size)
+    return -(-32 * blocks // qk) * qk
 
 
 def _x(t: int, k: int, seed: int) -> np.ndarray:
@@ -89,11 +102,11 @@ def _check_close(x: np.ndarray, q: QTensor, y: np.ndarray) -> None:
 @given(
     t=st.integers(1, 20),
     n=st.integers(1, 40),
-    blocks=st.integers(1, 12),  # K = 32 * blocks: includes odd multiples like 96
+    blocks=st.integers(1, 24),  # K = 32 * blocks (a multiple of 256 for K-quants): odd ones too
     seed=st.integers(0, 2**32 - 1),
 )
 def test_matmul_matches_reference(fmt: str, t: int, n: int, blocks: int, seed: int) -> None:
-    k = 32 * blocks
+    k = _k(fmt, blocks)
     q, x = _qtensor(fmt, n, k, seed), _x(t, k, seed)
     _check_close(x, q, kernels.matmul(x, q))
 
@@ -112,10 +125,11 @@ def test_matmul_float_formats_any_k(fmt: str, t: int, n: int, k: int, seed: int)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("k", [32, 96, 160])
-def test_matmul_uses_exactly_the_dequantized_weights(fmt: str, k: int) -> None:
+@pytest.mark.parametrize("blocks", [1, 3, 13])
+def test_matmul_uses_exactly_the_dequantized_weights(fmt: str, blocks: int) -> None:
     # x = identity: y[t, n] = w[n, t] * 1 plus products with 0, which is exact,
     # so y == W^T bit for bit iff every decoded weight equals quant.dequantize's.
+    k = _k(fmt, blocks)
     q = _qtensor(fmt, 7, k, seed=k)
     y = kernels.matmul(np.eye(k, dtype=np.float32), q)
     np.testing.assert_array_equal(y, q.dequantize().T)
@@ -126,7 +140,7 @@ def test_tolerance_catches_one_wrong_weight(fmt: str) -> None:
     # The bound is tight enough to notice one weight off by one quantisation
     # step: change one stored byte (a qs byte, or a float's upper byte) and
     # compare against the reference of the unchanged weights.
-    t, n, k = 3, 5, 96
+    t, n, k = 3, 5, _k(fmt, 3)
     q, x = _qtensor(fmt, n, k, seed=7), _x(t, k, seed=7)
     _check_close(x, q, kernels.matmul(x, q))
     data = q.data.copy()
@@ -141,7 +155,7 @@ def test_tolerance_catches_one_wrong_weight(fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_row_is_bitwise_independent_of_the_batch(fmt: str) -> None:
-    k = 37 if fmt in FLOAT_FORMATS else 96
+    k = 37 if fmt in FLOAT_FORMATS else _k(fmt, 3)
     q = _qtensor(fmt, 13, k, seed=3)
     x = _x(17, k, seed=3)
     alone = np.concatenate([kernels.matmul(x[i : i + 1], q) for i in range(17)])
@@ -158,7 +172,8 @@ def test_row_is_bitwise_independent_of_the_batch(fmt: str) -> None:
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bitwise_independent_of_thread_count(fmt: str) -> None:
-    q, x = _qtensor(fmt, 1001, 96, seed=5), _x(6, 96, seed=5)
+    k = _k(fmt, 3)
+    q, x = _qtensor(fmt, 1001, k, seed=5), _x(6, k, seed=5)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -201,6 +216,52 @@ def test_bitwise_independent_of_numba_num_threads_env() -> None:
     assert _digest_with_threads(1) == _digest_with_threads(2)
 
 
+_PORTABLE_SCRIPT = """
+import sys, numpy as np
+from numba.core.registry import cpu_target
+from refinfer import kernels, quant
+from refinfer.kernels.matmul_blocks import _has_ssse3
+from refinfer.quant import QTensor
+from quant_blocks import random_rows
+print(_has_ssse3(cpu_target.target_context))
+for name in ("iq4_nl", "iq4_xs"):
+    fmt = quant.FORMATS[name]
+    q = QTensor("w", fmt, (5, 512), random_rows(fmt, 5, 512, seed=1))
+    x = np.random.default_rng(2).standard_normal((3, 512), dtype=np.float32)
+    print(kernels.matmul(x, q).tobytes().hex())
+"""
+
+
+def _run_portable_script(cache: Path, **env_extra: str) -> list[str]:
+    root = Path(__file__).resolve().parent
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(root.parent), str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_portable_table_lookup_equals_pshufb(tmp_path: Path) -> None:
+    # IQ4's 16-level lookup uses pshufb where the target has SSSE3 and portable IR
+    # elsewhere: compile once for this CPU and once for a generic one (fresh caches),
+    # check which path each took, and compare the products bit for bit.
+    import llvmlite.binding as ll
+
+    if not ll.get_host_cpu_features().get("ssse3", False):
+        pytest.skip("this CPU has no SSSE3: only the portable path exists here")
+    native = _run_portable_script(tmp_path / "native")
+    generic = _run_portable_script(
+        tmp_path / "generic", NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="+64bit"
+    )
+    assert native[0] == "True" and generic[0] == "False"
+    assert native[1:] == generic[1:] and len(native) == 3
+
+
 # ---- the entry point's checks ----------------------------------------------------------
 
 
@@ -214,9 +275,11 @@ def test_matmul_converts_x_and_fills_out() -> None:
 
 
 def test_matmul_rejects_unsupported_format() -> None:
-    fmt = quant.Format("q5_k", GGMLQuantizationType.Q5_K, 256, 176)
-    q = QTensor("blk.0.ffn_down.weight", fmt, (2, 256), np.zeros((2, 176), np.uint8))
-    with pytest.raises(UnsupportedFormatError, match="q5_k"):
+    fmt = quant.Format(
+        "iq2_xxs", GGMLQuantizationType.IQ2_XXS, 256, (("d", "f16", 2), ("qs", "u8", 64))
+    )
+    q = QTensor("blk.0.ffn_down.weight", fmt, (2, 256), np.zeros((2, 66), np.uint8))
+    with pytest.raises(UnsupportedFormatError, match="iq2_xxs"):
         kernels.matmul(np.zeros((1, 256), np.float32), q)
 
 

@@ -40,6 +40,15 @@ _MATMUL = {
     "q8_0": (_mb.matmul_q8_0, np.uint8, quant.F16_TO_F32),
     "q4_0": (_mb.matmul_q4_0, np.uint8, quant.F16_TO_F32),
     "q4_1": (_mb.matmul_q4_1, np.uint8, quant.F16_TO_F32),
+    "q5_0": (_mb.matmul_q5_0, np.uint8, quant.F16_TO_F32),
+    "q5_1": (_mb.matmul_q5_1, np.uint8, quant.F16_TO_F32),
+    "iq4_nl": (_mb.matmul_iq4_nl, np.uint8, quant.F16_TO_F32),
+    "q2_k": (_mb.matmul_q2_k, np.uint8, quant.F16_TO_F32),
+    "q3_k": (_mb.matmul_q3_k, np.uint8, quant.F16_TO_F32),
+    "q4_k": (_mb.matmul_q4_k, np.uint8, quant.F16_TO_F32),
+    "q5_k": (_mb.matmul_q5_k, np.uint8, quant.F16_TO_F32),
+    "q6_k": (_mb.matmul_q6_k, np.uint8, quant.F16_TO_F32),
+    "iq4_xs": (_mb.matmul_iq4_xs, np.uint8, quant.F16_TO_F32),
 }
 
 

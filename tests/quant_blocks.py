@@ -1,0 +1,49 @@
+"""Random raw blocks of any quantised format, for the dequantiser and kernel tests.
+
+Quantisers exist here only for some formats (K-quants are made by llama.cpp), so
+the tests draw the stored bytes themselves: every field random, its f16 scales
+finite and spread over many binades (`quant.Format.fields` says where they are),
+and, on request, the blocks that break careless decoders: all-zero blocks and
+blocks whose quant bytes are all 0x00 or all 0xFF (the extreme nibbles and bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refinfer.quant import Format
+
+
+def random_f16(rng: np.random.Generator, shape, lo: int = -14, hi: int = 4) -> np.ndarray:
+    """uint8[*shape, 2]: finite float16 scales, sign random, magnitude 2^lo .. 2^hi."""
+    v = rng.uniform(0.5, 1.0, shape) * np.exp2(rng.integers(lo, hi, shape))
+    v *= rng.choice([-1.0, 1.0], shape)
+    return v.astype(np.float16)[..., None].view(np.uint8)
+
+
+def random_blocks(fmt: Format, n_blocks: int, seed: int, extremes: bool = True) -> np.ndarray:
+    """uint8[n_blocks, type_size]: random blocks of `fmt` with finite f16 fields.
+
+    With `extremes`, block 0 is all zero, and (if there are more blocks) block 1 has
+    every quant byte 0xFF and block 2 every quant byte 0x00 (its scales kept).
+    """
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n_blocks, fmt.type_size), dtype=np.uint8)
+    quant_bytes = np.ones(fmt.type_size, bool)
+    for name, kind, _ in fmt.fields:
+        o = fmt.offset(name)
+        if kind == "f16":
+            b[:, o : o + 2] = random_f16(rng, n_blocks)
+            quant_bytes[o : o + 2] = False
+    if extremes:
+        b[:1] = 0
+        for row, value in ((1, 0xFF), (2, 0x00)):
+            if row < n_blocks:
+                b[row, quant_bytes] = value
+    return b
+
+
+def random_rows(fmt: Format, n: int, k: int, seed: int) -> np.ndarray:
+    """uint8[n, row_bytes(k)]: a weight matrix of random blocks (no special blocks)."""
+    blocks = random_blocks(fmt, n * (k // fmt.block_size), seed, extremes=False)
+    return blocks.reshape(n, fmt.row_bytes(k))
