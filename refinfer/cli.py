@@ -60,8 +60,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("norm eps", f"{c['norm_eps']:g}"),
         ("sliding window", c["sliding_window"] or "none"),
         ("output head", "tied to token_embd" if c["tied_embeddings"] else "output.weight"),
+        ("file type", s["file_type"] or "not recorded"),
         ("tensors", f"{s['n_tensors']}: "
-         + ", ".join(f"{n} {k.upper()}" for k, n in s["tensor_types"].items())),
+         + ", ".join(f"{n} {k.upper()} ({_human_bytes(s['tensor_bytes'][k])})"
+                     for k, n in s["tensor_types"].items())),
         ("parameters", f"{s['n_parameters'] / 1e6:.1f} M, {s['bytes_per_parameter']:.3f} bytes "
          f"({8 * s['bytes_per_parameter']:.2f} bits) each"),
         ("KV cache", f"{s['kv_bytes_per_token']} bytes/token ({s['kv_dtype']}), "
@@ -78,7 +80,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from refinfer.gguf import read_gguf, write_quantized
+    from refinfer.quant import FORMATS, check_writable
 
+    check_writable(FORMATS[args.type])  # before opening anything: K-quants are llama.cpp's job
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise RefinferError(f"{out}: the output would overwrite the input; choose another name")
@@ -306,7 +310,7 @@ def _print_batch_stats(s, records: list[dict], seconds: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render --help)."""
     from refinfer.decoding.generate import STRATEGIES
-    from refinfer.quant import FORMATS
+    from refinfer.quant import FORMATS, QUANTIZE_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="refinfer",
@@ -329,15 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser(
         "quantize",
-        help="requantise a model file (q8_0, q4_0, q4_1, f16, bf16, f32)",
+        help="requantise a model file (" + ", ".join(QUANTIZE_FORMATS) + ")",
         description="Write OUT.gguf: IN.gguf with every matrix converted to --type. Metadata "
-        "is kept; vectors (norms) and rows not a multiple of the block size stay F32, as "
-        "llama.cpp does. Quantising an already quantised file compounds the error: "
-        "start from F32/F16 weights where you have them.",
+        "is kept; vectors (norms) and rows not a multiple of the block size stay F32. "
+        "Quantising an already quantised file compounds the error: start from F32/F16 "
+        "weights where you have them. refinfer reads every K-quant and IQ4 type but does "
+        "not write them: llama.cpp's `llama-quantize IN-F32.gguf OUT.gguf Q4_K_M` does.",
     )
     quantize.add_argument("input", metavar="IN.gguf")
     quantize.add_argument("output", metavar="OUT.gguf")
-    quantize.add_argument("--type", required=True, choices=list(FORMATS), help="target format")
+    quantize.add_argument(
+        "--type", required=True, choices=list(FORMATS), metavar="TYPE",
+        help="target format: " + ", ".join(QUANTIZE_FORMATS),
+    )  # fmt: skip
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(run=cmd_quantize)
 

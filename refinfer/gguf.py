@@ -28,9 +28,12 @@ from refinfer.quant import (
     FORMATS,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Format,
     QTensor,
+    check_writable,
     dequantize,
     format_of,
     quantize,
@@ -98,7 +101,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _qtensor(path: Path, t: Any) -> QTensor:
     """Wrap one reader tensor: numpy-order shape, raw bytes as uint8[*shape[:-1], row_bytes]."""
-    fmt = format_of(t.tensor_type)
+    fmt = format_of(t.tensor_type, t.name)
     shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (the row length) first
     row_bytes = fmt.row_bytes(shape[-1])
     expected = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
@@ -134,6 +137,8 @@ _FILE_TYPE = {  # general.file_type: the 'mostly' type of a model file
     Q8_0: LlamaFileType.MOSTLY_Q8_0,
     Q4_0: LlamaFileType.MOSTLY_Q4_0,
     Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    Q5_1: LlamaFileType.MOSTLY_Q5_1,
 }
 
 
@@ -167,6 +172,7 @@ def write_quantized(
     tensor); `progress(n)` is called with the source bytes of each finished tensor.
     """
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    check_writable(fmt)
     arch = src.metadata.get("general.architecture", "llama")
     writer = GGUFWriter(os.fspath(dst_path), arch, use_temp_file=False)
     _copy_metadata(src.reader, writer, fmt)
@@ -187,20 +193,38 @@ def write_quantized(
     writer.close()
 
 
+def file_type_name(value: Any) -> str | None:
+    """general.file_type as llama.cpp names it ('MOSTLY_Q4_K_M'), or None when absent.
+
+    A preset only names the mix llama-quantize aimed at; each tensor has its own type.
+    """
+    if value is None:
+        return None
+    try:
+        return LlamaFileType(int(value)).name
+    except (ValueError, TypeError):
+        return f"unknown ({value!r})"
+
+
 def summary(gf: GGUFFile) -> dict[str, Any]:
     """What `refinfer info` shows: hyper-parameters, tensor counts by type, sizes, KV bytes."""
     config = gf.config
     n_params = sum(t.n_elements for t in gf.tensors.values())
     by_type: dict[str, int] = {}
+    bytes_by_type: dict[str, int] = {}
     for t in gf.tensors.values():
         by_type[t.format.name] = by_type.get(t.format.name, 0) + 1
+        bytes_by_type[t.format.name] = bytes_by_type.get(t.format.name, 0) + t.nbytes
+    order = sorted(by_type, key=lambda name: -bytes_by_type[name])
     return {
         "file": gf.path.name,
         "file_size": gf.file_size,
         "name": gf.metadata.get("general.name"),
         "config": config.to_dict(),
         "n_tensors": len(gf.tensors),
-        "tensor_types": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
+        "file_type": file_type_name(gf.metadata.get("general.file_type")),
+        "tensor_types": {name: by_type[name] for name in order},
+        "tensor_bytes": {name: bytes_by_type[name] for name in order},
         "n_parameters": n_params,
         "bytes_per_parameter": sum(t.nbytes for t in gf.tensors.values()) / n_params,
         "kv_dtype": "float32",

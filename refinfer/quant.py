@@ -473,18 +473,23 @@ _QUANTIZE = {
 QUANTIZE_FORMATS = ["f32", "f16", *_QUANTIZE]  # what `refinfer quantize` writes
 
 
-def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
-    """float32[..., K] -> uint8[..., row_bytes(K)] in format `fmt`.
-
-    K-quants and IQ formats are read, not written: their quantisers search scales
-    (and use an importance matrix); llama.cpp's `llama-quantize` makes them.
-    """
+def check_writable(fmt: Format) -> None:
+    """UnsupportedFormatError, saying which tool writes it, unless `quantize` writes `fmt`."""
     if fmt.name not in QUANTIZE_FORMATS:
         raise UnsupportedFormatError(
             f"refinfer reads {fmt.name} but does not write it; make {fmt.name.upper()} files "
             f"with llama.cpp: `llama-quantize MODEL-F32.gguf OUT.gguf {fmt.name.upper()}` "
             f"(refinfer quantize writes {', '.join(QUANTIZE_FORMATS)})"
         )
+
+
+def quantize(w: np.ndarray, fmt: Format) -> np.ndarray:
+    """float32[..., K] -> uint8[..., row_bytes(K)] in format `fmt`.
+
+    K-quants and IQ formats are read, not written: their quantisers search scales
+    (and use an importance matrix); llama.cpp's `llama-quantize` makes them.
+    """
+    check_writable(fmt)
     w = np.ascontiguousarray(w, dtype=np.float32)
     lead, k = w.shape[:-1], w.shape[-1]
     row_bytes = fmt.row_bytes(k)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from gguf_factory import tiny_llama_tensors, write_tiny_llama
+from refinfer import quant
 from refinfer.cli import main
-from refinfer.gguf import read_metadata
+from refinfer.gguf import read_gguf, read_metadata
 
 
 def run_cli(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "refinfer")):
@@ -28,7 +29,8 @@ def test_info_smollm2(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for expected in (
         "layers (L)      30", "dim (D)         576", "kv heads (KVH)  3 (GQA 3:1)",
         "vocab (V)       49152", "context         8192", "rope            base 100000, 64 dims",
-        "272: 210 Q4_1, 61 F32, 1 Q8_0", "134.5 M, 0.718 bytes", "46080 bytes/token",
+        "272: 210 Q4_1 (63.3 MiB), 1 Q8_0 (28.7 MiB), 61 F32 (137.2 KiB)",
+        "file type       MOSTLY_Q4_1", "134.5 M, 0.718 bytes", "46080 bytes/token",
         "tied to token_embd",
     ):  # fmt: skip
         assert expected in out
@@ -39,6 +41,11 @@ def test_info_json_smollm2(smollm2_path: Path, capsys: pytest.CaptureFixture[str
     s = json.loads(capsys.readouterr().out)
     assert s["config"]["n_layers"] == 30 and s["config"]["n_kv_heads"] == 3
     assert s["tensor_types"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
+    assert s["file_type"] == "MOSTLY_Q4_1"
+    assert sum(s["tensor_bytes"].values()) == sum(
+        t.nbytes for t in read_gguf(smollm2_path).tensors.values()
+    )
+    assert s["tensor_bytes"]["q8_0"] == 49152 * 576 // 32 * 34  # the tied embedding
     assert s["kv_bytes_per_token"] == 46080 and s["file_size"] == smollm2_path.stat().st_size
     assert s["n_parameters"] == 134_515_008
     assert abs(s["bytes_per_parameter"] - 0.71796) < 1e-5
@@ -51,6 +58,26 @@ def test_console_script_equals_module(tiny_f32: Path) -> None:
     assert a[0] == b[0] == 0 and a[1] == b[1]
 
 
+@pytest.mark.parametrize("fmt", ["q5_0", "q5_1"])
+def test_quantize_q5(fmt: str, tiny_f32: Path, tmp_path: Path) -> None:
+    out = tmp_path / f"{fmt}.gguf"
+    assert run_cli("quantize", str(tiny_f32), str(out), "--type", fmt, "-q")[0] == 0
+    src, dst = read_gguf(tiny_f32), read_gguf(out)
+    w = dst.tensors["blk.0.ffn_up.weight"]
+    assert w.format.name == fmt and dst.metadata["general.file_type"] == int(
+        gguf.LlamaFileType[f"MOSTLY_{fmt.upper()}"]
+    )
+    want = quant.quantize(src.tensors["blk.0.ffn_up.weight"].dequantize(), quant.FORMATS[fmt])
+    np.testing.assert_array_equal(w.data, want)
+
+
+def test_quantize_to_a_k_quant_says_which_tool(tiny_f32: Path, tmp_path: Path) -> None:
+    status, _, err = run_cli("quantize", str(tiny_f32), str(tmp_path / "k.gguf"), "--type", "q4_k")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "does not write" in err and "llama-quantize" in err
+    assert not (tmp_path / "k.gguf").exists()
+
+
 def test_quantize_command(tiny_f32: Path, tmp_path: Path) -> None:
     out = tmp_path / "q.gguf"
     status, _, err = run_cli("quantize", str(tiny_f32), str(out), "--type", "q4_0")
@@ -60,9 +87,10 @@ def test_quantize_command(tiny_f32: Path, tmp_path: Path) -> None:
     assert types["blk.0.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
-def _k_quant_file(path: Path) -> Path:
+def _iq2_file(path: Path) -> Path:
+    """A file with one tensor of a type refinfer does not read (IQ2_XXS: 66 bytes per 256)."""
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tensor("x", np.zeros((2, 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    w.add_tensor("x", np.zeros((2, 66), np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return path
 
@@ -77,7 +105,7 @@ def _bad_files(tmp: Path, tiny: Path) -> dict[str, tuple[Path, str]]:
         "not gguf": (tmp / "text.gguf", "not a GGUF file"),
         "truncated": (tmp / "cut.gguf", "truncated"),
         "architecture": (write_tiny_llama(tmp / "g.gguf", arch="gpt2"), "architecture 'gpt2'"),
-        "tensor type": (_k_quant_file(tmp / "k.gguf"), "Q4_K is not supported"),
+        "tensor type": (_iq2_file(tmp / "k.gguf"), "tensor x has type IQ2_XXS, which refinfer"),
         "shape": (write_tiny_llama(tmp / "s.gguf", tensors=bad_shape), "blk.0.attn_k.weight"),
     }
 
