@@ -12,7 +12,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from refinfer.quant import F32, FORMATS, Format, quantize
+from quant_blocks import random_rows_with_rms
+from refinfer.quant import F32, FORMATS, QUANTIZE_FORMATS, Format, quantize
 
 
 def tiny_llama_tensors(
@@ -47,6 +48,15 @@ def tiny_llama_tensors(
     return t
 
 
+def _stored(array: np.ndarray, fmt: Format, seed: int) -> np.ndarray:
+    """The bytes of `array` in `fmt`: quantised where refinfer can; otherwise (K-quants,
+    IQ4) random blocks of the same RMS, which is all a forward-vs-reference test needs."""
+    if fmt.name in QUANTIZE_FORMATS:
+        return quantize(array, fmt)
+    rms = float(np.sqrt(np.mean(np.square(array, dtype=np.float64))))
+    return random_rows_with_rms(fmt, *array.shape, rms=rms, seed=seed)
+
+
 def write_tiny_llama(
     path: Path,
     fmt: Format | str = F32,
@@ -56,7 +66,10 @@ def write_tiny_llama(
     tensors: dict[str, np.ndarray] | None = None,
     **sizes: Any,
 ) -> Path:
-    """Write a tiny model GGUF: matrices in `fmt`, vectors F32; returns `path`."""
+    """Write a tiny model GGUF: matrices in `fmt` (rows it cannot hold and vectors F32).
+
+    Formats of 256-weight blocks need dim and ffn_dim multiples of 256 (`**sizes`).
+    Returns `path`."""
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
     if tensors is None:
         tensors = tiny_llama_tensors(**sizes)
@@ -84,9 +97,9 @@ def write_tiny_llama(
             writer.add_key_value(key, *value)
         else:
             writer.add_string(key, value)
-    for name, array in tensors.items():
+    for i, (name, array) in enumerate(tensors.items()):
         out = fmt if array.ndim == 2 and array.shape[-1] % fmt.block_size == 0 else F32
-        writer.add_tensor(name, quantize(array, out), raw_dtype=out.ggml_type)
+        writer.add_tensor(name, _stored(array, out, seed=i), raw_dtype=out.ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refinfer.quant import Format
+from refinfer.quant import Format, dequantize
 
 
 def random_f16(rng: np.random.Generator, shape, lo: int = -14, hi: int = 4) -> np.ndarray:
@@ -47,3 +47,24 @@ def random_rows(fmt: Format, n: int, k: int, seed: int) -> np.ndarray:
     """uint8[n, row_bytes(k)]: a weight matrix of random blocks (no special blocks)."""
     blocks = random_blocks(fmt, n * (k // fmt.block_size), seed, extremes=False)
     return blocks.reshape(n, fmt.row_bytes(k))
+
+
+def random_rows_with_rms(fmt: Format, n: int, k: int, rms: float, seed: int) -> np.ndarray:
+    """uint8[n, row_bytes(k)]: random blocks whose weights have about the given RMS.
+
+    For a model file (tests/gguf_factory.py) in a format refinfer cannot write: every f16
+    field (d, dmin, m) of every block is set to one value c, and since each weight is
+    c * (integer expression of the other fields), c = rms / RMS(weights at c = 1).
+    """
+    raw = random_rows(fmt, n, k, seed)
+    blocks = raw.reshape(-1, fmt.type_size)
+    f16 = [fmt.offset(name) for name, kind, _ in fmt.fields if kind == "f16"]
+
+    def set_scales(c: float) -> None:
+        for o in f16:
+            blocks[:, o : o + 2] = np.full((len(blocks), 1), c, np.float16).view(np.uint8)
+
+    set_scales(1.0)
+    at_one = float(np.sqrt(np.mean(np.square(dequantize(raw, fmt), dtype=np.float64))))
+    set_scales(rms / at_one)
+    return raw

@@ -24,6 +24,7 @@ from refinfer import reference
 from refinfer.errors import KVPoolFullError
 from refinfer.gguf import read_gguf, write_quantized
 from refinfer.model import Batch, Model
+from refinfer.quant import FORMATS
 from refinfer.tokenizer import Tokenizer
 
 TINY_ATOL = 1e-4
@@ -49,6 +50,15 @@ def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Model:
 def test_tiny_engine_equals_reference(fmt: str, tmp_path: Path) -> None:
     m = tiny_model(tmp_path / f"t-{fmt}.gguf", fmt=fmt, n_kv_heads=1)
     ids = np.random.default_rng(1).integers(0, 128, 37)  # crosses two 16-token blocks
+    np.testing.assert_allclose(m.logits(ids), reference.logits(m, ids), rtol=0, atol=TINY_ATOL)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f not in ("f32", "q8_0", "q4_0", "q4_1")])
+def test_tiny_engine_equals_reference_every_format(fmt: str, tmp_path: Path) -> None:
+    # dim and ffn_dim of 256 multiples, so that every matrix is in `fmt` (K-quants too)
+    m = tiny_model(tmp_path / f"t-{fmt}.gguf", fmt=fmt, dim=256, ffn_dim=512, n_kv_heads=2)
+    assert {t.format.name for t in m.tensors.values()} == {fmt, "f32"}
+    ids = np.random.default_rng(2).integers(0, 128, 21)
     np.testing.assert_allclose(m.logits(ids), reference.logits(m, ids), rtol=0, atol=TINY_ATOL)
 
 
