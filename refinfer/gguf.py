@@ -5,11 +5,17 @@ This is where a model enters refinfer (file.gguf -> ModelConfig + {name: QTensor
 into that map, so loading copies nothing and dequantises nothing. Every way a
 file can be wrong (missing, not GGUF, truncated, unsupported) becomes a
 `ModelFileError` / `UnsupportedModelError` / `UnsupportedFormatError` with a
-message that names the problem.
+message that names the problem. A damaged file is caught while it is parsed:
+every read must lie inside the file, every count and array length must fit in
+the bytes left, every tensor must be 1-4 dimensions of whole blocks of a known
+type lying inside the file, every string must be UTF-8. So a flipped byte can
+neither make the reader allocate gigabytes or loop for ever, nor hand a kernel
+a tensor shorter than its shape.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+)
 
 from refinfer.config import ModelConfig
-from refinfer.errors import ModelFileError
+from refinfer.errors import ModelFileError, RefinferError
 from refinfer.quant import (
     BF16,
     F16,
@@ -40,6 +53,12 @@ from refinfer.quant import (
 )
 
 GGUF_MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS: a tensor has 1 to 4 dimensions
+# The fewest bytes an entry can take, to bound the header's counts by the file size:
+MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value (and an empty key)
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+MIN_ITEM_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 4 + 8}  # their length fields
+VALUE_TYPES = {int(t) for t in GGUFValueType}
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,13 @@ class GGUFFile:
 
 
 class _Reader(GGUFReader):
-    """GGUFReader, parsing through a plain ndarray view of its map instead of the np.memmap.
+    """GGUFReader with bounds checks, parsing through a plain ndarray view of its map.
+
+    gguf's reader trusts the file: a read past the end returns a short array, an
+    array length of 2^60 loops 2^60 times (a scalar past the end takes no bytes, so
+    it never stops), a tensor may lie outside the file. Here every read, count, array
+    length and tensor is checked against the file size before it is used, and a
+    damaged file is a ModelFileError that says where.
 
     The reader slices its map once per value (about 250,000 times for a 49k-token
     vocabulary), and np.memmap's Python-level __getitem__/__array_finalize__ cost
@@ -69,34 +94,156 @@ class _Reader(GGUFReader):
     maps the file (its .base is the memmap); nothing is read into memory.
     """
 
-    def _get(self, *args, **kwargs):  # every read of the reader goes through _get
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(path)
+
+    def _damaged(self, what: str) -> ModelFileError:
+        """The error for a file whose structure cannot be what it claims."""
+        return ModelFileError(f"{self.path}: damaged or truncated GGUF: {what}")
+
+    def _get(self, offset, dtype, count=1, override_order=None):  # every read goes through _get
         if type(self.data) is np.memmap:
             self.data = self.data.view(np.ndarray)
-        return super()._get(*args, **kwargs)
+        itemsize = np.dtype(dtype).itemsize
+        if int(offset) + itemsize * int(count) > len(self.data):
+            raise self._damaged(
+                f"{int(count)} x {itemsize} bytes at byte {int(offset)} would run past the end "
+                f"of the file ({len(self.data)} bytes)"
+            )
+        return super()._get(offset, dtype, count, override_order)
+
+    def _build_fields(self, offs, count):  # called right after the header's two counts
+        n_tensors = int(self.fields["GGUF.tensor_count"].parts[0][0])
+        if int(count) * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > len(self.data) - offs:
+            raise self._damaged(
+                f"the header claims {n_tensors} tensors and {int(count)} key/values, more "
+                f"than the file's {len(self.data)} bytes can hold"
+            )
+        return super()._build_fields(offs, count)
+
+    def _get_field_parts(self, orig_offs, raw_type):  # one value; arrays recurse through here
+        if raw_type not in VALUE_TYPES:
+            raise self._damaged(f"the value at byte {int(orig_offs)} has type {int(raw_type)}")
+        if raw_type == GGUFValueType.ARRAY:
+            self._check_array_length(int(orig_offs))
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _check_array_length(self, offs: int) -> None:
+        """ModelFileError if the array at `offs` claims more items than the file can hold."""
+        item_type = int(self._get(offs, np.uint32)[0])
+        length = int(self._get(offs + 4, np.uint64)[0])
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        item_bytes = np.dtype(scalar).itemsize if scalar else MIN_ITEM_BYTES.get(item_type, 1)
+        left = len(self.data) - offs - 12
+        if length * item_bytes > left:
+            raise self._damaged(
+                f"the array at byte {offs} claims {length} items, more than the {left} bytes "
+                f"after it can hold"
+            )
+
+    def _build_tensors(self, start_offs, fields):  # after the tensor-info table, before the data
+        expected, before = 0, None  # where the data of the tensor before ends, padded
+        for field in fields:
+            n_bytes = self._tensor_bytes(field)
+            self._check_place(field, int(start_offs), n_bytes, expected, before)
+            expected += -(-n_bytes // self.alignment) * self.alignment
+            before = field.name
+        super()._build_tensors(start_offs, fields)
+
+    def _tensor_bytes(self, field: Any) -> int:
+        """Bytes of one tensor's data; ModelFileError naming it if its dims or type are wrong."""
+        _, _, _, dims, raw_type, _ = field.parts
+        where = f"{self.path}: tensor {field.name!r}"
+        if not 1 <= len(dims) <= MAX_DIMS:
+            raise ModelFileError(f"{where} has {len(dims)} dimensions (GGUF allows 1 to 4)")
+        try:
+            ggml_type = GGMLQuantizationType(int(raw_type[0]))
+        except ValueError:
+            raise ModelFileError(f"{where} has type {int(raw_type[0])}, no GGUF type") from None
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        if int(dims[0]) % block_size:
+            raise ModelFileError(
+                f"{where}: its rows of {int(dims[0])} weights are not whole {ggml_type.name} "
+                f"blocks of {block_size}"
+            )
+        return math.prod(int(n) for n in dims) // block_size * type_size
+
+    def _check_place(
+        self, field: Any, start: int, n_bytes: int, expected: int, before: str | None
+    ) -> None:
+        """ModelFileError naming the tensor unless its data lies in the file, right after the
+        data of the tensor before it (as llama.cpp's gguf.cpp requires, so a type or shape
+        that changes a tensor's size is caught at the next tensor)."""
+        offset = int(field.parts[5][0])
+        where = f"{self.path}: tensor {field.name!r}"
+        if start + offset + n_bytes > len(self.data):
+            raise ModelFileError(
+                f"{where}: its {n_bytes} bytes at byte {start + offset} run past the end of the "
+                f"file ({len(self.data)} bytes): the file is truncated or its tensor table damaged"
+            )
+        if offset != expected:
+            after = f"the data of {before!r} ends at {expected}" if before else "data starts at 0"
+            raise ModelFileError(
+                f"{where} starts at data offset {offset}, but {after}: a type, shape or offset "
+                f"in the tensor table is damaged"
+            )
 
 
 def _open_reader(path: Path) -> GGUFReader:
     """GGUFReader for `path`, with ModelFileError for every way the file can be unreadable."""
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot be read ({e.strerror})") from None
     if magic != GGUF_MAGIC:
         raise ModelFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         return _Reader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
+    except RefinferError:
+        raise
+    except UnicodeDecodeError as e:  # a key or a tensor name (values are decoded later)
+        name = bytes(e.object[:60])
+        raise ModelFileError(
+            f"{path}: the name {name!r} is not UTF-8: the file is damaged"
+        ) from None
+    except Exception as e:  # the reader raises ValueError, KeyError, ... on damaged files
         raise ModelFileError(f"{path}: damaged or truncated GGUF ({e})") from None
 
 
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
+def _metadata(path: Path, reader: GGUFReader) -> dict[str, Any]:
     """Every key/value of the file as Python values (str, int, float, bool or list)."""
-    return {name: field.contents() for name, field in reader.fields.items()}
+    return {name: _value(path, name, field) for name, field in reader.fields.items()}
+
+
+def _value(path: Path, name: str, field: Any) -> Any:
+    """One field's value; ModelFileError naming the key (and item) if a string is not UTF-8."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError:
+        bad = next((k for k in range(len(field.data)) if not _is_utf8(field, k)), None)
+        item = f"[{bad}]" if field.types[0] == GGUFValueType.ARRAY and bad is not None else ""
+        raise ModelFileError(
+            f"{path}: metadata {name!r}{item} is not UTF-8 text: the file is damaged"
+        ) from None
+
+
+def _is_utf8(field: Any, k: int) -> bool:
+    """Whether the k-th data part of a field decodes as UTF-8."""
+    try:
+        field.parts[field.data[k]].tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The key/value metadata of a GGUF (also of a vocabulary-only file)."""
-    return _metadata(_open_reader(Path(path)))
+    path = Path(path)
+    return _metadata(path, _open_reader(path))
 
 
 def _qtensor(path: Path, t: Any) -> QTensor:
@@ -107,7 +254,7 @@ def _qtensor(path: Path, t: Any) -> QTensor:
     expected = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
     if t.data.nbytes != expected:
         raise ModelFileError(
-            f"{path}: tensor {t.name} holds {t.data.nbytes} bytes of the {expected} its shape "
+            f"{path}: tensor {t.name!r} holds {t.data.nbytes} bytes of the {expected} its shape "
             f"needs: the file is truncated"
         )
     raw = t.data.view(np.uint8).reshape(*shape[:-1], row_bytes)
@@ -119,7 +266,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     path = Path(path)
     reader = _open_reader(path)
     tensors = {t.name: _qtensor(path, t) for t in reader.tensors}
-    return GGUFFile(path, _metadata(reader), tensors, path.stat().st_size, reader)
+    return GGUFFile(path, _metadata(path, reader), tensors, path.stat().st_size, reader)
 
 
 def load_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, QTensor]]:

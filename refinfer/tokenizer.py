@@ -18,6 +18,10 @@ decoding of their concatenation. `stream_decoder()` does the same incrementally,
 it emits is always a prefix of the full decode and never a broken UTF-8 sequence.
 Special tokens (CONTROL, and UNKNOWN) become single ids only with `parse_special=True`;
 USER_DEFINED tokens always do, as in llama.cpp, HF tokenizers and sentencepiece.
+
+Every `tokenizer.*` value is checked for its type as it is read (the pieces a list of
+strings, an id an integer inside the vocabulary, a byte token spelt '<0xNN>'), so a
+damaged vocabulary is a TokenizerError naming the key, not a TypeError later.
 """
 
 from __future__ import annotations
@@ -68,6 +72,20 @@ PRE_GROUPS = {
 # End-of-turn markers that stop generation when the chat template uses them (as llama.cpp).
 END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 BPE_CACHE_LIMIT = 200_000  # pre-token words remembered by a byte-level BPE tokenizer
+BYTE_PIECE = regex.compile(r"<0x([0-9A-F]{2})>")  # a BYTE token, as sentencepiece spells it
+DAMAGED = "the GGUF's vocabulary is damaged; re-convert the model"
+
+# What a tokenizer.* value must be, by the name the error message gives it.
+KINDS = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a boolean": lambda v: isinstance(v, bool),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of integers": lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v),
+    "a list of numbers": lambda v: (
+        isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+    ),
+}
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -118,20 +136,20 @@ class Tokenizer:
     strips_leading_space = False  # decode drops the space that encode's prefix added
 
     def __init__(self, md: dict[str, Any]) -> None:
-        self.tokens: list[str] = _require(md, "tokenizer.ggml.tokens")
+        self.tokens: list[str] = _require(md, "tokenizer.ggml.tokens", "a list of strings")
         n = len(self.tokens)
-        self.types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        types = _typed(md, "tokenizer.ggml.token_type", "a list of integers")
+        self.types: list[int] = list(types or [NORMAL] * n)
         if len(self.types) != n:
             raise TokenizerError(
-                f"tokenizer.ggml.token_type has {len(self.types)} entries for {n} tokens: "
-                "the GGUF's vocabulary is damaged; re-convert the model"
+                f"tokenizer.ggml.token_type has {len(self.types)} entries for {n} tokens: {DAMAGED}"
             )
         self.bos_id: int | None = self._token_id(md, "bos")
         self.eos_id: int | None = self._token_id(md, "eos")
+        self.chat_template: str | None = _typed(md, "tokenizer.chat_template", "a string")
         self.eos_ids: set[int] = self._end_ids(md)
-        self.add_bos_default = bool(md.get("tokenizer.ggml.add_bos_token", self._adds_bos(md)))
-        self.add_eos_default = bool(md.get("tokenizer.ggml.add_eos_token", self._adds_eos()))
-        self.chat_template: str | None = md.get("tokenizer.chat_template")
+        self.add_bos_default = _flag(md, "tokenizer.ggml.add_bos_token", self._adds_bos(md))
+        self.add_eos_default = _flag(md, "tokenizer.ggml.add_eos_token", self._adds_eos())
         always = self._always_parsed_types()
         self._parsed_types = {CONTROL, UNKNOWN} | always  # what parse_special=True matches
         self._special_ids = self._special_texts()
@@ -151,7 +169,7 @@ class Tokenizer:
     @staticmethod
     def from_metadata(md: dict[str, Any]) -> Tokenizer:
         """The tokenizer described by GGUF metadata, chosen by tokenizer.ggml.model."""
-        kind = md.get("tokenizer.ggml.model")
+        kind = _typed(md, "tokenizer.ggml.model", "a string")
         if kind is None:
             raise TokenizerError(
                 "the GGUF has no tokenizer metadata (tokenizer.ggml.model): convert the model "
@@ -169,7 +187,7 @@ class Tokenizer:
 
     def _token_id(self, md: dict[str, Any], name: str) -> int | None:
         """The id in tokenizer.ggml.<name>_token_id, checked against the vocabulary."""
-        i = md.get(f"tokenizer.ggml.{name}_token_id")
+        i = _typed(md, f"tokenizer.ggml.{name}_token_id", "an integer")
         if i is not None and not 0 <= i < len(self.tokens):
             raise TokenizerError(
                 f"tokenizer.ggml.{name}_token_id is {i}, outside the {len(self.tokens)}-token "
@@ -180,7 +198,7 @@ class Tokenizer:
     def _end_ids(self, md: dict[str, Any]) -> set[int]:
         """Ids that end a generation: eos, eot, eom, and end-of-turn tokens the template uses."""
         ids = {self._token_id(md, name) for name in ("eos", "eot", "eom")} - {None}
-        template = md.get("tokenizer.chat_template") or ""
+        template = self.chat_template or ""
         for i, (text, kind) in enumerate(zip(self.tokens, self.types, strict=True)):
             if kind == CONTROL and text in END_OF_TURN_TEXTS and text in template:
                 ids.add(i)
@@ -348,18 +366,17 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, md: dict[str, Any]) -> None:
         super().__init__(md)
-        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
-        self.remove_extra_whitespaces = bool(
-            md.get("tokenizer.ggml.remove_extra_whitespaces", False)
-        )
+        self.add_space_prefix = _flag(md, "tokenizer.ggml.add_space_prefix", True)
+        self.remove_extra_whitespaces = _flag(md, "tokenizer.ggml.remove_extra_whitespaces", False)
         self.strips_leading_space = self.add_space_prefix or self.remove_extra_whitespaces
-        scores = md.get("tokenizer.ggml.scores") or [0.0] * self.vocab_size
+        scores = _typed(md, "tokenizer.ggml.scores", "a list of numbers") or [0.0] * self.vocab_size
         if len(scores) != self.vocab_size:
             raise TokenizerError(
                 f"tokenizer.ggml.scores has {len(scores)} entries for {self.vocab_size} tokens: "
                 "the GGUF's vocabulary is damaged; re-convert the model"
             )
-        charsmap = bytes(b & 0xFF for b in md.get("tokenizer.ggml.precompiled_charsmap", []))
+        charsmap_key = "tokenizer.ggml.precompiled_charsmap"
+        charsmap = bytes(b & 0xFF for b in _typed(md, charsmap_key, "a list of integers", []))
         proto = self._model_proto(scores, charsmap)
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
@@ -406,7 +423,7 @@ class SentencePieceTokenizer(Tokenizer):
         if kind == UNKNOWN:
             return SPM_UNK_SURFACE.encode()
         if kind == BYTE:
-            return bytes([int(text[3:-1], 16)])
+            return _byte_of(text, i)
         return text.replace(SPM_SPACE, " ").encode()
 
     def _encode_text(self, text: str) -> list[int]:
@@ -436,7 +453,7 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, md: dict[str, Any]) -> None:
         super().__init__(md)
-        self.pre = md.get("tokenizer.ggml.pre", "default")
+        self.pre = _typed(md, "tokenizer.ggml.pre", "a string", "default")
         if self.pre not in PRE_GROUPS:
             raise TokenizerError(
                 f"tokenizer.ggml.pre is {self.pre!r}, a pre-tokeniser refinfer does not know "
@@ -446,12 +463,12 @@ class BPETokenizer(Tokenizer):
         self._splits = [regex.compile(f"({expr})") for expr in SPLITS_BY_GROUP[group]]
         self._ignore_merges = group == "llama3"  # whole words in the vocabulary skip merging
         self._ids = {text: i for i, text in reversed(list(enumerate(self.tokens)))}
-        self._ranks = _merge_ranks(_require(md, "tokenizer.ggml.merges"))
+        self._ranks = _merge_ranks(_require(md, "tokenizer.ggml.merges", "a list of strings"))
         self._cache: dict[str, list[int]] = {}
 
     def _adds_bos(self, md: dict[str, Any]) -> bool:
         """Llama-3-style vocabularies start with BOS; other byte-level ones do not."""
-        return PRE_GROUPS.get(md.get("tokenizer.ggml.pre", ""), "") == "llama3"
+        return PRE_GROUPS.get(_typed(md, "tokenizer.ggml.pre", "a string", ""), "") == "llama3"
 
     def _always_parsed_types(self) -> set[int]:
         """Added (USER_DEFINED) tokens are matched whole, as HF and llama.cpp do."""
@@ -552,13 +569,44 @@ def _alternation(texts: list[str]) -> regex.Pattern | None:
     return regex.compile("|".join(regex.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
 
-def _require(md: dict[str, Any], key: str) -> Any:
-    """md[key], or a TokenizerError naming the missing key."""
+def _byte_of(piece: str, i: int) -> bytes:
+    """The byte a BYTE token '<0xNN>' stands for; TokenizerError if it is spelt otherwise."""
+    m = BYTE_PIECE.fullmatch(piece)
+    if m is None:
+        raise TokenizerError(
+            f"token {i} is a byte token but reads {_show(piece)}, not '<0xNN>': {DAMAGED}"
+        )
+    return bytes([int(m.group(1), 16)])
+
+
+def _typed(md: dict[str, Any], key: str, kind: str, default: Any = None) -> Any:
+    """md[key] if it is `kind` (a name in KINDS), `default` if absent, else TokenizerError."""
+    if key not in md:
+        return default
+    value = md[key]
+    if not KINDS[kind](value):
+        raise TokenizerError(f"{key} is {_show(value)}, not {kind}: {DAMAGED}")
+    return value
+
+
+def _flag(md: dict[str, Any], key: str, default: bool) -> bool:
+    """A boolean tokenizer.* key, `default` when absent."""
+    return _typed(md, key, "a boolean", default)
+
+
+def _require(md: dict[str, Any], key: str, kind: str) -> Any:
+    """md[key], checked to be `kind`, or a TokenizerError naming the missing key."""
     if key not in md:
         raise TokenizerError(
             f"the GGUF's vocabulary lacks {key}: re-convert the model with its tokenizer"
         )
-    return md[key]
+    return _typed(md, key, kind)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters (a damaged value may be a long list)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _default(flag: bool | None, default: bool) -> bool:

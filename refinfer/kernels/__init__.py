@@ -3,7 +3,8 @@
 `matmul(x, w)` multiplies a float32 activation batch x[T, K] by a weight matrix
 W[N, K] kept in its storage format (a `QTensor`: raw GGUF blocks, usually a
 view into the memory-mapped file): y[T, N] = x @ W^T. The kernels
-(`matmul_blocks.py` for Q8_0/Q4_0/Q4_1, `matmul.py` for F32/F16/BF16)
+(`matmul_blocks.py` for every block format, Q8_0 .. Q6_K and IQ4, `matmul.py`
+for F32/F16/BF16)
 dequantise on the fly, so W is never expanded to float32 in memory, and a
 batch of T tokens streams W from memory once.
 
@@ -32,7 +33,8 @@ from refinfer.kernels import matmul as _mm
 from refinfer.kernels import matmul_blocks as _mb
 from refinfer.quant import QTensor
 
-# format name -> (kernel, dtype the raw bytes are viewed as, lookup table)
+# format name -> (kernel, dtype the raw bytes are viewed as, lookup table); a tensor's
+# own format picks its kernel, so a file mixing Q4_K, Q6_K, Q5_0 and Q8_0 needs nothing else
 _MATMUL = {
     "f32": (_mm.matmul_f32, np.float32, quant.F16_TO_F32),  # table unused
     "f16": (_mm.matmul_16bit, np.uint16, quant.F16_TO_F32),
