@@ -293,31 +293,34 @@ def _decode_q2_k(builder, raw, table, o, ssse3):
         yield _weight8(builder, q, dl, minus=ml)
 
 
-def _q3_k_scales(builder, raw, offset, d):
-    """<16 x float> d * (scale_i - 32) from block_q3_K's 12 packed bytes (quant._q3_k_scales)."""
-    b = _vec(builder, raw, offset, 12)
-    low = _field(builder, _shuffle(builder, b, list(range(8)) * 2), [0] * 8 + [4] * 8, 0xF)
-    high = _shuffle(builder, b, [8 + i % 4 for i in range(16)])  # byte 8 + i % 4, bits 2 (i // 4)
-    high = _field(builder, high, [2 * (i // 4) for i in range(16)], 3)
+def _q3_k_scale(builder, raw, o, d8, i):
+    """<8 x float> d * (scale_i - 32) for sub-block i of the block_q3_K at raw[o].
+
+    As quant._q3_k_scales: low 4 bits in scales[i % 8] (nibble i // 8), high 2 bits in
+    scales[8 + i % 4] (bits 2 (i // 4)); each byte is the top byte of a broadcast word
+    that ends at it, so that no read leaves the block.
+    """
+    low = _splat_u32(builder, raw, builder.add(o, I64(96 + i % 8 - 3)))
+    low = _field(builder, low, 24 + 4 * (i // 8), 0xF)
+    high = _splat_u32(builder, raw, builder.add(o, I64(104 + i % 4 - 3)))
+    high = _field(builder, high, 24 + 2 * (i // 4), 3)
     sc = builder.sub(builder.or_(low, builder.shl(high, _const(high, 4))), _const(low, 32))
-    return _scales(builder, sc, d, signed=True)
+    return builder.fmul(d8, builder.sitofp(sc, V8F))
 
 
 # block_q3_K, 110 bytes:  | hmask: uint8[32] | qs: uint8[64] | scales: uint8[12] | d: f16 |
 # weight 128 h + 32 s + l: low 2 bits (qs[32 h + l] >> 2 s) & 3, high bit (hmask[l] >> 4 h + s)
 # q = (low | high << 2) - 4 (= low - 4 when the high bit is clear);  w = (d * sc_i) * q
 def _decode_q3_k(builder, raw, table, o, ssse3):
-    d = _f16(builder, raw, table, builder.add(o, I64(108)))
-    dl = _q3_k_scales(builder, raw, builder.add(o, I64(96)), d)
-    hmask = _vec(builder, raw, o, 32)
-    for h in range(2):
-        qs = _vec(builder, raw, builder.add(o, I64(32 + 32 * h)), 32)
-        for s in range(4):
-            high = _field(builder, hmask, 4 * h + s, 1)
-            q = builder.or_(_field(builder, qs, 2 * s, 3), builder.shl(high, _const(qs, 2)))
-            i = 8 * h + 2 * s
-            scale = [_lane(builder, dl, i + c // 2) for c in range(4)]
-            yield from _weights(builder, builder.sub(q, _const(q, 4)), scale)
+    d8 = _splat(builder, _f16(builder, raw, table, builder.add(o, I64(108))))
+    for c in range(32):  # weights 8c .. 8c + 7: h = c // 16, s = c // 4 % 4, l = 8 (c % 4) ..
+        h, s, l0 = c // 16, c // 4 % 4, 8 * (c % 4)
+        if c % 2 == 0:
+            dl = _q3_k_scale(builder, raw, o, d8, c // 2)
+        low = _bits8(builder, raw, builder.add(o, I64(32 + 32 * h + l0)), 2 * s, 3)
+        high = _bits8(builder, raw, builder.add(o, I64(l0)), 4 * h + s, 1)
+        q = builder.or_(low, builder.shl(high, _const(high, 2)))
+        yield _weight8(builder, builder.sub(q, _const(q, 4)), dl)
 
 
 def _k4_scales_mins(builder, raw, offset, d, dmin):
