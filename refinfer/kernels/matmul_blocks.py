@@ -139,15 +139,13 @@ def _splat_n(builder, scalar, n):
 def _weights(builder, q32, scale, minus=None, plus=None):
     """32 quants (<32 x i8>, signed) -> four <8 x float>: scale * float(q) (- minus) (+ plus).
 
-    `scale`, `minus`, `plus` are <8 x float> per chunk (lists of 4) or one for all four.
+    `scale` and `minus` are <8 x float> per chunk (lists of 4) or one for all four;
+    `plus` (Q4_1 / Q5_1's m) is one for all four.
     """
     for c, q in enumerate(_chunks(builder, q32)):
-        w = builder.fmul(_of_chunk(scale, c), builder.sitofp(q, V8F))
-        if minus is not None:
-            w = builder.fsub(w, _of_chunk(minus, c))
-        if plus is not None:
-            w = builder.fadd(w, _of_chunk(plus, c))
-        yield w
+        q = builder.sext(q, ir.VectorType(I32, 8))
+        minus_c = None if minus is None else _of_chunk(minus, c)
+        yield _weight8(builder, q, _of_chunk(scale, c), minus=minus_c, plus=plus)
 
 
 def _of_chunk(v, c):
@@ -159,9 +157,9 @@ def _splat_u32(builder, raw, offset):
     """<8 x i32> with every lane = the little-endian uint32 at raw[offset].
 
     One broadcast load: a sub-block's scale reaches all 8 lanes without a shuffle, which
-    matters where every 16 weights have their own (Q2_K, Q6_K: 1.3x at T = 1, 1.7x at T = 8,
-    measured against a <16 x float> of scales and a lane shuffle each). The 4 bytes read
-    must lie inside the block.
+    matters where every 16 weights have their own scale (measured against a <16 x float>
+    of scales and one lane shuffle per sub-block: Q2_K 1.25x faster at T = 1; Q2_K, Q3_K,
+    Q6_K at T = 8 about 2x). The 4 bytes read must lie inside the block.
     """
     word = builder.load(builder.bitcast(builder.gep(raw, [offset]), I32.as_pointer()), align=1)
     v = builder.insert_element(ir.Constant(ir.VectorType(I32, 8), ir.Undefined), word, I32(0))
