@@ -240,10 +240,13 @@ def add_value(w: gguf.GGUFWriter, key: str, value: Any) -> None:
 
 # D 64, H 4, KVH 2 (gemma3: 1), V 128. qwen3 and gemma3 have a head_dim other than D / H;
 # gemma3 has 6 layers so that layer 5 is global (llama.cpp: local when il % 6 < 5) and a
-# window of 4; phi3-longrope is trained for 32 positions and stretched to 128.
+# window of 4; phi3-longrope is trained for 32 positions and stretched to 128. Weights
+# are drawn 10x wider than HF's default (0.02), so that attention is sharp (the top key
+# holds ~0.3-0.7 of each query's weight) and a wrong RoPE or mask shows in the logits.
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-               rms_norm_eps=float(np.float32(1e-5)), tie_word_embeddings=False)  # fmt: skip
+               rms_norm_eps=float(np.float32(1e-5)), tie_word_embeddings=False,
+               initializer_range=0.2)  # fmt: skip
 _LONG = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]  # one divisor per frequency (HD/2 = 8)
 _SHORT = [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0]
 TINY_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -273,7 +276,7 @@ def tiny_model(kind: str, seed: int = 0):
     Weights are rounded to float32 (what the GGUF stores) and the model then runs in
     float64, so HF and refinfer start from the same numbers. Norm weights and biases are
     drawn around their init too (HF initialises them to 0 or 1, which would hide a missing
-    norm, bias or +1).
+    norm, bias or +1), and Gemma's norm weights w such that w + 1 is a float32 as well.
     """
     import torch
     import transformers
@@ -283,10 +286,13 @@ def tiny_model(kind: str, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
+    shift = arch_of(model).norm_shift
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "bias")):
                 p.add_(0.2 * torch.randn_like(p))
+            if name.endswith("norm.weight"):  # so that the stored w + shift is exact too
+                p.copy_((p + shift).float().double() - shift)
             p.copy_(p.float())
     return model.double().eval()
 
