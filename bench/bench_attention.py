@@ -60,7 +60,7 @@ class Workload:
     def tiled(self) -> None:
         paged_attention(
             self.q, self.k_cache, self.v_cache, self.tables, self.seq_index,
-            self.positions, 0, self.out,
+            self.positions, 0, 1 / np.sqrt(self.q.shape[-1]), self.out,
         )  # fmt: skip
 
     def naive(self) -> None:

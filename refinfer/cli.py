@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from refinfer.architectures import ARCHITECTURES
 from refinfer.errors import RefinferError
 
 EXIT_BAD_INPUT = 2
@@ -46,6 +47,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("file", f"{s['file']} ({_human_bytes(s['file_size'])})"),
         ("name", s["name"]),
         ("architecture", f"{c['architecture']} (family {c['family']})"),
+        ("block", ", ".join(ARCHITECTURES[c["architecture"]].features())),
         ("layers (L)", c["n_layers"]),
         ("dim (D)", c["dim"]),
         ("heads (H)", c["n_heads"]),
@@ -56,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context", c["context_length"]),
         ("rope", f"base {c['rope_base']:g}, {c['rope_dim']} dims, scaling {scaling['type']}"
          + (f" x{scaling['factor']:g}" if scaling["type"] != "none" else "")
-         + (", rope_freqs" if scaling["has_freq_factors"] else "")),
+         + (f", {scaling['freq_factors'][:-7]}" if scaling["freq_factors"] else "")),
         ("norm eps", f"{c['norm_eps']:g}"),
         ("sliding window", c["sliding_window"] or "none"),
         ("output head", "tied to token_embd" if c["tied_embeddings"] else "output.weight"),

@@ -1,8 +1,10 @@
-"""ModelConfig: the hyper-parameters of a Llama-family model, read from GGUF metadata.
+"""ModelConfig: the hyper-parameters of a model, read from GGUF metadata.
 
 This is the first thing built from a file (gguf.py calls `ModelConfig.from_metadata`)
 and the one place every other module asks for a size, an epsilon or a rope base:
-nothing is buried in a kernel. `validate` checks the tensors of the file against
+nothing is buried in a kernel. What the architecture changes in the block is a row of
+architectures.py (`config.arch`); what it changes per layer (window, RoPE base) is
+asked here (`layer_window`, `layer_rope`). `validate` checks the tensors of the file against
 these numbers, so a mismatch is reported here, by name, and not as a shape error
 deep in the forward pass. Each value is checked for its type and range as it is
 read (a size is a positive integer, epsilon a finite number >= 0, ...), so a
@@ -25,9 +27,10 @@ from dataclasses import asdict, dataclass
 from numbers import Real
 from typing import Any
 
+from refinfer.architectures import ARCHITECTURES, Architecture
 from refinfer.errors import UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 # The longest context a file may claim: the rope tables are built for all of it, and the
 # longest-context open models have 10M positions; a larger number is a damaged file.
 MAX_CONTEXT_LENGTH = 1 << 24
@@ -41,14 +44,17 @@ class RopeScaling:
     type: str = "none"  # as in the GGUF key rope.scaling.type
     factor: float = 1.0  # positions are divided by this (linear)
     original_context_length: int = 0  # the context the model was trained with
-    has_freq_factors: bool = False  # a rope_freqs[HD/2] tensor scales each frequency (Llama 3.1)
+    # the tensor of rope_dim/2 divisors of the frequencies: rope_freqs (Llama 3.1), or Phi-3's
+    # rope_factors_long when the context exceeds the original one, else rope_factors_short
+    freq_factors: str | None = None
+    attn_factor: float = 1.0  # cos and sin are multiplied by this (Phi-3's LongRoPE)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of one model; sizes in the legend's names."""
 
-    architecture: str  # general.architecture: 'llama' (Mistral is stored as 'llama' too)
+    architecture: str  # general.architecture, a key of ARCHITECTURES (Mistral is 'llama')
     n_layers: int  # L
     dim: int  # D
     n_heads: int  # H
@@ -58,16 +64,40 @@ class ModelConfig:
     vocab_size: int  # V
     context_length: int  # positions the model was trained for
     rope_base: float  # theta in freq_i = theta^(-2i / rope_dim)
+    rope_base_local: float | None  # theta of the windowed layers where it differs (Gemma 3)
     rope_dim: int  # leading dimensions of each head that rotate (usually HD)
     rope_scaling: RopeScaling
     norm_eps: float  # RMSNorm epsilon
-    sliding_window: int | None  # Mistral: a token sees at most this many positions, itself included
+    sliding_window: int | None  # a windowed layer's token sees at most this many positions,
+    #                             itself included (which layers: arch.swa_pattern)
     tied_embeddings: bool  # no output.weight: the head reuses token_embd
+    attention_scale: float  # scores = (q . k) * attention_scale, usually 1 / sqrt(HD)
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture's switches (architectures.py)."""
+        return ARCHITECTURES[self.architecture]
 
     @property
     def family(self) -> str:
-        """'mistral' for sliding-window models, else 'llama' (both are stored as 'llama')."""
-        return "mistral" if self.sliding_window else "llama"
+        """'mistral' for windowed Llama models, else the architecture's name."""
+        windowed_llama = self.architecture == "llama" and self.sliding_window
+        return "mistral" if windowed_llama else self.architecture
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None when it attends to every earlier position."""
+        n = self.arch.swa_pattern  # llama.cpp's set_swa_pattern(n)
+        return self.sliding_window if n == 0 or i % n < n - 1 else None
+
+    def layer_rope(self, i: int) -> tuple[float, bool]:
+        """(RoPE base, whether rope_scaling applies) for layer i.
+
+        Gemma 3's windowed layers rotate with base 10000 and no scaling; its global
+        layers, and every layer of the other architectures, with rope.freq_base.
+        """
+        if self.rope_base_local is not None and self.layer_window(i) is not None:
+            return self.rope_base_local, False
+        return self.rope_base, True
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
         """KV-cache bytes one token occupies: K and V, every layer, KVH * HD values each."""
@@ -77,6 +107,7 @@ class ModelConfig:
         """Plain JSON-ready dict (for `refinfer info --json`)."""
         d = asdict(self)
         d["family"] = self.family
+        d["arch"] = asdict(self.arch)
         return d
 
     @classmethod
@@ -87,8 +118,8 @@ class ModelConfig:
         arch = md.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"architecture {_show(arch)} is not supported; refinfer runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama, Mistral, SmolLM2, TinyLlama, ...)"
+                f"architecture {_show(arch)} is not supported; refinfer reads "
+                + "; ".join(f"{a.name} ({a.models})" for a in ARCHITECTURES.values())
             )
 
         def key(name: str, default: Any = None) -> Any:
@@ -106,30 +137,45 @@ class ModelConfig:
         dim = size("embedding_length")
         n_heads = size("attention.head_count")
         head_dim = size("attention.key_length", max(1, dim // n_heads))  # validate checks it
+        if size("attention.value_length", head_dim) != head_dim:
+            raise UnsupportedModelError(
+                f"{arch}.attention.value_length differs from key_length {head_dim}; refinfer "
+                f"needs K and V heads of one size"
+            )
         window = md.get(f"{arch}.attention.sliding_window")
+        n_layers = size("block_count")
+        context = size("context_length", high=MAX_CONTEXT_LENGTH)
+        original_context = size(
+            "rope.scaling.original_context_length", 0, low=0, high=MAX_CONTEXT_LENGTH
+        )
         config = cls(
             architecture=arch,
-            n_layers=size("block_count"),
+            n_layers=n_layers,
             dim=dim,
             n_heads=n_heads,
             n_kv_heads=size("attention.head_count_kv", n_heads),
             head_dim=head_dim,
             ffn_dim=size("feed_forward_length"),
             vocab_size=_vocab_size(md, arch, tensor_shapes),
-            context_length=size("context_length", high=MAX_CONTEXT_LENGTH),
+            context_length=context,
             rope_base=real("rope.freq_base", 10000.0),
+            rope_base_local=(
+                real("rope.freq_base_swa", ARCHITECTURES[arch].local_rope_base)
+                if ARCHITECTURES[arch].local_rope_base
+                else None
+            ),
             rope_dim=size("rope.dimension_count", head_dim),
             rope_scaling=RopeScaling(
                 type=_string(f"{arch}.rope.scaling.type", key("rope.scaling.type", "none")),
                 factor=real("rope.scaling.factor", 1.0),
-                original_context_length=size(
-                    "rope.scaling.original_context_length", 0, low=0, high=MAX_CONTEXT_LENGTH
-                ),
-                has_freq_factors="rope_freqs.weight" in tensor_shapes,
+                original_context_length=original_context,
+                freq_factors=_freq_factors(tensor_shapes, context, original_context),
+                attn_factor=real("rope.scaling.attn_factor", 1.0),
             ),
             norm_eps=real("attention.layer_norm_rms_epsilon", positive=False),
             sliding_window=size("attention.sliding_window") if window else None,
             tied_embeddings="output.weight" not in tensor_shapes,
+            attention_scale=_query_pre_attn_scalar(arch, n_layers, dim, n_heads, head_dim) ** -0.5,
         )
         config.validate(tensor_shapes)
         _check_vocabulary(md, config.vocab_size)
@@ -147,20 +193,31 @@ class ModelConfig:
         yield from {"token_embd.weight": (V, D), "output_norm.weight": (D,)}.items()
         if not self.tied_embeddings:
             yield "output.weight", (V, D)
-        if self.rope_scaling.has_freq_factors:
-            yield "rope_freqs.weight", (self.rope_dim // 2,)
+        if self.rope_scaling.freq_factors:
+            yield self.rope_scaling.freq_factors, (self.rope_dim // 2,)
+        a = self.arch
         for i in range(self.n_layers):
-            yield from {
-                f"blk.{i}.attn_norm.weight": (D,),
-                f"blk.{i}.attn_q.weight": (H * HD, D),
-                f"blk.{i}.attn_k.weight": (KVH * HD, D),
-                f"blk.{i}.attn_v.weight": (KVH * HD, D),
-                f"blk.{i}.attn_output.weight": (D, H * HD),
-                f"blk.{i}.ffn_norm.weight": (D,),
-                f"blk.{i}.ffn_gate.weight": (F, D),
-                f"blk.{i}.ffn_up.weight": (F, D),
-                f"blk.{i}.ffn_down.weight": (D, F),
-            }.items()
+            yield from {f"blk.{i}.{name}": shape for name, shape in {
+                "attn_norm.weight": (D,),
+                **({"attn_qkv.weight": ((H + 2 * KVH) * HD, D)} if a.fused_qkv else {
+                    "attn_q.weight": (H * HD, D),
+                    "attn_k.weight": (KVH * HD, D),
+                    "attn_v.weight": (KVH * HD, D),
+                }),
+                **({
+                    "attn_q.bias": (H * HD,), "attn_k.bias": (KVH * HD,),
+                    "attn_v.bias": (KVH * HD,),
+                } if a.qkv_bias else {}),
+                **({"attn_q_norm.weight": (HD,), "attn_k_norm.weight": (HD,)} if a.qk_norm else {}),
+                "attn_output.weight": (D, H * HD),
+                **({"post_attention_norm.weight": (D,)} if a.post_norms else {}),
+                "ffn_norm.weight": (D,),
+                **({"ffn_up.weight": (2 * F, D)} if a.fused_gate_up else {
+                    "ffn_gate.weight": (F, D), "ffn_up.weight": (F, D),
+                }),
+                "ffn_down.weight": (D, F),
+                **({"post_ffw_norm.weight": (D,)} if a.post_norms else {}),
+            }.items()}.items()  # fmt: skip
 
     def validate(self, tensor_shapes: dict[str, tuple[int, ...]]) -> None:
         """Raise UnsupportedModelError naming the first inconsistency, if any."""
@@ -179,8 +236,16 @@ class ModelConfig:
             if tuple(tensor_shapes[name]) != shape:
                 raise UnsupportedModelError(
                     f"tensor {name} has shape {tuple(tensor_shapes[name])}, but the metadata "
-                    f"implies {shape}"
+                    f"implies {shape} ({self.architecture}.: {self._legend()})"
                 )
+
+    def _legend(self) -> str:
+        """The metadata fields shapes are made of, with their symbols and values."""
+        return (
+            f"embedding_length D={self.dim}, attention.head_count H={self.n_heads}, "
+            f"head_count_kv KVH={self.n_kv_heads}, key_length HD={self.head_dim}, "
+            f"feed_forward_length F={self.ffn_dim}, vocab V={self.vocab_size}"
+        )
 
 
 # ---- reading one value --------------------------------------------------------
@@ -222,6 +287,31 @@ def _string(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise UnsupportedModelError(f"{key} is {_show(value)}, not a string: the file is damaged")
     return value
+
+
+def _freq_factors(
+    tensor_shapes: dict[str, tuple[int, ...]], context: int, original_context: int
+) -> str | None:
+    """The name of the RoPE frequency-divisor tensor the file has, if any (RopeScaling).
+
+    Phi-3's LongRoPE ships two sets; as llama.cpp, the context decides: the long set when
+    the context (here the model's whole context_length) exceeds the original one.
+    """
+    if "rope_freqs.weight" in tensor_shapes:
+        return "rope_freqs.weight"
+    if "rope_factors_long.weight" in tensor_shapes:
+        long = original_context and context > original_context
+        return "rope_factors_long.weight" if long else "rope_factors_short.weight"
+    return None
+
+
+def _query_pre_attn_scalar(arch: str, n_layers: int, dim: int, n_heads: int, head_dim: int) -> int:
+    """The number whose 1 / sqrt scales the scores: HD, but D / H for Gemma 3 27B.
+
+    Gemma's query_pre_attn_scalar is not in the GGUF; llama.cpp recognises the one model
+    that differs by its 62 layers, and so does refinfer.
+    """
+    return dim // n_heads if arch == "gemma3" and n_layers == 62 else head_dim
 
 
 def _vocab_size(md: dict[str, Any], arch: str, tensor_shapes: dict[str, tuple[int, ...]]) -> int:

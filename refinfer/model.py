@@ -8,7 +8,11 @@ Per layer, for the flat batch of T tokens:
 
     h = RMSNorm(x);  q, k, v = h Wq^T, h Wk^T, h Wv^T;  RoPE(q, k) at each token's position
     K/V -> the pool at each token's slot;  x += PagedAttention(q, pool) Wo^T
-    h = RMSNorm(x);  x += (silu(h Wgate^T) * h Wup^T) Wdown^T
+    h = RMSNorm(x);  x += (act(h Wgate^T) * h Wup^T) Wdown^T
+
+with the variations an architecture switches on (biases, q/k norms, post-norms,
+GeGLU, NEOX RoPE, per-layer windows and RoPE bases: architectures.py), in the
+same order as reference.block.
 
 The weights stay quantised in the memory map (kernels.matmul dequantises on the
 fly); attention reads K/V through each sequence's block table. Every kernel
@@ -32,7 +36,7 @@ from refinfer.errors import RefinferError
 from refinfer.gguf import GGUFFile, read_gguf
 from refinfer.kernels import matmul
 from refinfer.kernels.attention import paged_attention
-from refinfer.kernels.layer_ops import rms_norm, rope, silu_mul
+from refinfer.kernels.layer_ops import glu, rms_norm, rope
 from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.quant import QTensor, dequantize
 from refinfer.tokenizer import Tokenizer
@@ -85,33 +89,51 @@ class Batch:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One transformer block's weights: matrices as QTensors, norm vectors as float32[D]."""
+    """One transformer block's weights: matrices as QTensors, vectors as float32.
+
+    The optional ones are None where the architecture has none (architectures.py).
+    """
 
     attn_norm: np.ndarray  # (D,)
     wq: QTensor  # (H * HD, D)
     wk: QTensor  # (KVH * HD, D)
     wv: QTensor  # (KVH * HD, D)
+    bq: np.ndarray | None  # (H * HD,)  qkv_bias
+    bk: np.ndarray | None  # (KVH * HD,)
+    bv: np.ndarray | None  # (KVH * HD,)
+    q_norm: np.ndarray | None  # (HD,)  qk_norm
+    k_norm: np.ndarray | None  # (HD,)
     wo: QTensor  # (D, H * HD)
+    post_attn_norm: np.ndarray | None  # (D,)  post_norms
     ffn_norm: np.ndarray  # (D,)
     w_gate: QTensor  # (F, D)
     w_up: QTensor  # (F, D)
     w_down: QTensor  # (D, F)
+    post_ffw_norm: np.ndarray | None  # (D,)  post_norms
+    window: int  # the layer's sliding window; 0: none
+    rope: int  # index of its (cos, sin) tables in Model.rope_tables
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, QTensor], i: int) -> LayerWeights:
-        """Pick layer i's tensors by their GGUF names."""
-        t = {name.removeprefix(f"blk.{i}."): w for name, w in tensors.items()}
+    def load(cls, model: reference.Weights, i: int, rope: int) -> LayerWeights:
+        """Layer i's tensors by their GGUF names (fused ones cut by reference.layer_tensors)."""
+        t = reference.layer_tensors(model, i)
+
+        def vector(name: str) -> np.ndarray | None:
+            return t[name].dequantize() if name in t else None
+
         return cls(
             attn_norm=t["attn_norm.weight"].dequantize(),
-            wq=t["attn_q.weight"],
-            wk=t["attn_k.weight"],
-            wv=t["attn_v.weight"],
+            wq=t["attn_q.weight"], wk=t["attn_k.weight"], wv=t["attn_v.weight"],
+            bq=vector("attn_q.bias"), bk=vector("attn_k.bias"), bv=vector("attn_v.bias"),
+            q_norm=vector("attn_q_norm.weight"), k_norm=vector("attn_k_norm.weight"),
             wo=t["attn_output.weight"],
+            post_attn_norm=vector("post_attention_norm.weight"),
             ffn_norm=t["ffn_norm.weight"].dequantize(),
-            w_gate=t["ffn_gate.weight"],
-            w_up=t["ffn_up.weight"],
-            w_down=t["ffn_down.weight"],
-        )
+            w_gate=t["ffn_gate.weight"], w_up=t["ffn_up.weight"], w_down=t["ffn_down.weight"],
+            post_ffw_norm=vector("post_ffw_norm.weight"),
+            window=model.config.layer_window(i) or 0,
+            rope=rope,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -147,11 +169,14 @@ class Workspace:
         )
 
 
-def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """cos, sin float32[context_length, rope_dim / 2] of angle = position * freq_i."""
-    freqs = reference.rope_frequencies(config, freq_factors)
+def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None, layer: int):
+    """cos, sin float32[context_length, rope_dim / 2] of layer `layer`: angle = position * freq_i.
+
+    Both are multiplied by rope_scaling.attn_factor (1 but for LongRoPE)."""
+    freqs = reference.rope_frequencies(config, freq_factors, layer)
     angle = np.arange(config.context_length, dtype=np.float64)[:, None] * freqs[None, :]
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    factor = config.rope_scaling.attn_factor
+    return (factor * np.cos(angle)).astype(np.float32), (factor * np.sin(angle)).astype(np.float32)
 
 
 class Model:
@@ -169,20 +194,28 @@ class Model:
         self.token_embd = gf.tensors["token_embd.weight"]  # (V, D)
         self.output = gf.tensors["token_embd.weight" if c.tied_embeddings else "output.weight"]
         self.output_norm = gf.tensors["output_norm.weight"].dequantize()  # (D,)
-        self.layers = [LayerWeights.from_tensors(gf.tensors, i) for i in range(c.n_layers)]
-        freq_factors = (
-            gf.tensors["rope_freqs.weight"].dequantize()
-            if c.rope_scaling.has_freq_factors
-            else None
-        )
-        self.rope_cos, self.rope_sin = rope_tables(c, freq_factors)
+        factors = c.rope_scaling.freq_factors
+        freq_factors = gf.tensors[factors].dequantize() if factors else None
+        # one (cos, sin) pair per distinct RoPE of the layers (Gemma 3: local and global)
+        ropes = [c.layer_rope(i) for i in range(c.n_layers)]
+        distinct = list(dict.fromkeys(ropes))
+        self.rope_tables = [rope_tables(c, freq_factors, ropes.index(r)) for r in distinct]
+        self.layers = [
+            LayerWeights.load(gf, i, distinct.index(ropes[i])) for i in range(c.n_layers)
+        ]
         self._workspaces: dict[int, Workspace] = {}  # T -> buffers
 
     # ---- the forward pass ----------------------------------------------------
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """x[T, D] = rows of token_embd, dequantised (only the T rows are touched)."""
-        return dequantize(self.token_embd.data[tokens], self.token_embd.format)
+        """x[T, D] = rows of token_embd, dequantised (only the T rows are touched).
+
+        Gemma multiplies them by sqrt(D) (embedding_scale), as float32 like HF and llama.cpp.
+        """
+        x = dequantize(self.token_embd.data[tokens], self.token_embd.format)
+        if self.config.arch.embedding_scale:
+            x *= np.float32(np.sqrt(self.config.dim))
+        return x
 
     def workspace(self, T: int) -> Workspace:
         """The buffers for a forward call of T tokens (kept for the most recent few T)."""
@@ -196,27 +229,37 @@ class Model:
         """ws.out = Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
         c, w, T = self.config, self.layers[i], len(x)
         rms_norm(x, w.attn_norm, c.norm_eps, ws.h)
-        matmul(ws.h, w.wq, ws.q.reshape(T, -1))
-        matmul(ws.h, w.wk, ws.k.reshape(T, -1))
-        matmul(ws.h, w.wv, ws.v.reshape(T, -1))
-        rope(ws.q, batch.positions, self.rope_cos, self.rope_sin)
-        rope(ws.k, batch.positions, self.rope_cos, self.rope_sin)
+        for y, wy, by, norm in ((ws.q, w.wq, w.bq, w.q_norm), (ws.k, w.wk, w.bk, w.k_norm),
+                                (ws.v, w.wv, w.bv, None)):  # fmt: skip
+            matmul(ws.h, wy, y.reshape(T, -1))  # y = h W^T (+ b)
+            if by is not None:
+                y.reshape(T, -1)[:] += by
+            if norm is not None:  # RMSNorm of each head, in place
+                heads = y.reshape(-1, c.head_dim)
+                rms_norm(heads, norm, c.norm_eps, heads)
+        cos, sin = self.rope_tables[w.rope]
+        rope(ws.q, batch.positions, cos, sin, c.arch.rope_neox)
+        rope(ws.k, batch.positions, cos, sin, c.arch.rope_neox)
         pool.k_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.k  # into the pool
         pool.v_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.v
         paged_attention(
             ws.q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
-            batch.positions, c.sliding_window or 0, ws.attn,
+            batch.positions, w.window, c.attention_scale, ws.attn,
         )  # fmt: skip
         matmul(ws.attn.reshape(T, -1), w.wo, ws.out)
+        if w.post_attn_norm is not None:
+            rms_norm(ws.out, w.post_attn_norm, c.norm_eps, ws.out)
 
     def mlp_block(self, x: np.ndarray, i: int, ws: Workspace) -> None:
-        """ws.out = MLP(RMSNorm(x)) = (silu(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
+        """ws.out = MLP(RMSNorm(x)) = (act(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
         c, w = self.config, self.layers[i]
         rms_norm(x, w.ffn_norm, c.norm_eps, ws.h)
         matmul(ws.h, w.w_gate, ws.gate)  # (T, F)
         matmul(ws.h, w.w_up, ws.up)
-        silu_mul(ws.gate, ws.up, ws.gate)
+        glu(ws.gate, ws.up, c.arch.activation == "gelu_tanh", ws.gate)
         matmul(ws.gate, w.w_down, ws.out)
+        if w.post_ffw_norm is not None:
+            rms_norm(ws.out, w.post_ffw_norm, c.norm_eps, ws.out)
 
     def forward(
         self, batch: Batch, pool: KVPool, layers: Sequence[int] | None = None

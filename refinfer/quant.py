@@ -154,6 +154,13 @@ class QTensor:
         """The weights as float32[*shape] (a new array; for tests, reference and readers)."""
         return dequantize(self.data, self.format)
 
+    def rows(self, start: int, stop: int) -> QTensor:
+        """Rows start .. stop - 1 of a matrix, as a view (rows are whole blocks in GGUF)."""
+        return QTensor(
+            f"{self.name}[{start}:{stop}]", self.format, (stop - start, *self.shape[1:]),
+            self.data[start:stop],
+        )  # fmt: skip
+
 
 # The 65536 float16 and bfloat16 bit patterns as float32. Numba has no float16
 # type, so the kernels convert a 16-bit scale or weight with one lookup (as

@@ -9,7 +9,7 @@ import numba
 import pytest
 from hypothesis import settings
 
-from gguf_factory import write_tiny_llama
+from gguf_factory import write_tiny_model
 from refinfer.errors import ModelFileError
 from refinfer.gguf import GGUFFile, read_gguf
 from refinfer.models import default_model_path
@@ -48,7 +48,7 @@ def gemma3_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with F32 weights."""
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def run(case: Case, q: np.ndarray | None = None, **replace: np.ndarray) -> np.nd
     out = np.full(q.shape, np.nan, dtype=np.float32)
     paged_attention(
         q, args["k_cache"], args["v_cache"], args["block_tables"], args["seq_index"],
-        args["positions"], case.window, out,
+        args["positions"], case.window, 1 / np.sqrt(q.shape[-1]), out,
     )  # fmt: skip
     return out
 

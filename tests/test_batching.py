@@ -29,7 +29,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gguf_factory import write_tiny_llama
+from gguf_factory import write_tiny_model
 from refinfer.cli import main
 from refinfer.decoding.batching import Completion, Engine, Request
 from refinfer.errors import InvalidParameterError
@@ -48,7 +48,7 @@ SYSTEM = [7, 3, 99, 12, 5, 64, 31, 8, 100, 2, 77, 41]  # a shared prompt prefix,
 @pytest.fixture(scope="module", autouse=True)
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
     """A tiny synthetic Llama without a vocabulary (also the state machine's model)."""
-    path = write_tiny_llama(tmp_path_factory.mktemp("batching") / "tiny.gguf")
+    path = write_tiny_model(tmp_path_factory.mktemp("batching") / "tiny.gguf")
     BatchMachine.model = Model(read_gguf(path), tokenizer=None)
     return BatchMachine.model
 

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from gguf_factory import tiny_llama_tensors, write_tiny_llama
+from gguf_factory import tiny_tensors, write_tiny_model
 from refinfer import quant
 from refinfer.cli import main
 from refinfer.gguf import read_gguf, read_metadata
@@ -98,15 +98,15 @@ def _iq2_file(path: Path) -> Path:
 def _bad_files(tmp: Path, tiny: Path) -> dict[str, tuple[Path, str]]:
     (tmp / "text.gguf").write_text("not a model")
     (tmp / "cut.gguf").write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
-    bad_shape = tiny_llama_tensors()
+    bad_shape = tiny_tensors()
     bad_shape["blk.0.attn_k.weight"] = bad_shape["blk.0.attn_k.weight"][:8]
     return {
         "missing": (tmp / "absent.gguf", "no such file"),
         "not gguf": (tmp / "text.gguf", "not a GGUF file"),
         "truncated": (tmp / "cut.gguf", "truncated"),
-        "architecture": (write_tiny_llama(tmp / "g.gguf", arch="gpt2"), "architecture 'gpt2'"),
+        "architecture": (write_tiny_model(tmp / "g.gguf", arch="gpt2"), "architecture 'gpt2'"),
         "tensor type": (_iq2_file(tmp / "k.gguf"), "tensor x has type IQ2_XXS, which refinfer"),
-        "shape": (write_tiny_llama(tmp / "s.gguf", tensors=bad_shape), "blk.0.attn_k.weight"),
+        "shape": (write_tiny_model(tmp / "s.gguf", tensors=bad_shape), "blk.0.attn_k.weight"),
     }
 
 
@@ -192,7 +192,7 @@ def tiny_speaking_smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_path
         elif key.startswith("tokenizer."):
             metadata[key] = (value, {str: T.STRING, int: T.UINT32, bool: T.BOOL}[type(value)])
     path = tmp_path_factory.mktemp("vocab") / "m.gguf"
-    return write_tiny_llama(path, metadata=metadata, vocab_size=len(md["tokenizer.ggml.tokens"]),
+    return write_tiny_model(path, metadata=metadata, vocab_size=len(md["tokenizer.ggml.tokens"]),
                             n_layers=4)  # fmt: skip
 
 

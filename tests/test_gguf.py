@@ -10,7 +10,7 @@ import gguf.quants as gq
 import numpy as np
 import pytest
 
-from gguf_factory import tiny_llama_tensors, write_tiny_llama
+from gguf_factory import tiny_tensors, write_tiny_model
 from refinfer.errors import ModelFileError, UnsupportedFormatError, UnsupportedModelError
 from refinfer.gguf import GGUFFile, load_weights, read_gguf, read_metadata, write_quantized
 from refinfer.quant import F32, FORMATS, QUANTIZE_FORMATS, dequantize, quantize
@@ -46,7 +46,7 @@ def test_smollm2_every_tensor_dequantizes_as_gguf_quants(smollm2: GGUFFile) -> N
 
 
 def test_synthetic_config_and_mistral_window(tmp_path: Path) -> None:
-    path = write_tiny_llama(tmp_path / "m.gguf", sliding_window=8, n_kv_heads=1)
+    path = write_tiny_model(tmp_path / "m.gguf", sliding_window=8, n_kv_heads=1)
     config = read_gguf(path).config
     assert config.sliding_window == 8 and config.family == "mistral"
     assert (config.n_heads, config.n_kv_heads, config.head_dim) == (4, 1, 16)
@@ -54,34 +54,34 @@ def test_synthetic_config_and_mistral_window(tmp_path: Path) -> None:
 
 
 def test_rope_scaling_and_freq_factors(tmp_path: Path) -> None:
-    tensors = tiny_llama_tensors() | {"rope_freqs.weight": np.ones(8, np.float32)}
+    tensors = tiny_tensors() | {"rope_freqs.weight": np.ones(8, np.float32)}
     md = {
         "llama.rope.scaling.type": "linear",
         "llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32),
     }
-    config = read_gguf(write_tiny_llama(tmp_path / "r.gguf", tensors=tensors, metadata=md)).config
+    config = read_gguf(write_tiny_model(tmp_path / "r.gguf", tensors=tensors, metadata=md)).config
     assert config.rope_scaling.type == "linear" and config.rope_scaling.factor == 4.0
-    assert config.rope_scaling.has_freq_factors
+    assert config.rope_scaling.freq_factors == "rope_freqs.weight"
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
-    tensors = tiny_llama_tensors()
+    tensors = tiny_tensors()
     tensors["blk.1.ffn_up.weight"] = tensors["blk.1.ffn_up.weight"][:64]
-    path = write_tiny_llama(tmp_path / "bad.gguf", tensors=tensors)
+    path = write_tiny_model(tmp_path / "bad.gguf", tensors=tensors)
     with pytest.raises(UnsupportedModelError, match=r"blk\.1\.ffn_up\.weight has shape \(64, 64\)"):
         load_weights(path)
 
 
 def test_missing_tensor_is_named(tmp_path: Path) -> None:
-    tensors = tiny_llama_tensors()
+    tensors = tiny_tensors()
     del tensors["blk.0.attn_v.weight"]
     with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_v\.weight is missing"):
-        load_weights(write_tiny_llama(tmp_path / "bad.gguf", tensors=tensors))
+        load_weights(write_tiny_model(tmp_path / "bad.gguf", tensors=tensors))
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="architecture 'gpt2' is not supported"):
-        load_weights(write_tiny_llama(tmp_path / "g.gguf", arch="gpt2"))
+        load_weights(write_tiny_model(tmp_path / "g.gguf", arch="gpt2"))
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import refinfer
-from gguf_factory import write_tiny_llama
+from gguf_factory import write_tiny_model
 from refinfer.errors import ModelFileError, RefinferError, TokenizerError, UnsupportedModelError
 from refinfer.gguf import read_gguf
 from refinfer.tokenizer import BYTE, CONTROL, LATIN1_TO_GPT2, NORMAL, UNKNOWN
@@ -96,7 +96,7 @@ def write_model(path: Path, base: str, edits: dict[str, Any] | None = None) -> P
     md = vocabulary()
     n_tokens = len(md["tokenizer.ggml.tokens"][0])
     md |= edits or {}
-    return write_tiny_llama(path, fmt=fmt, metadata=md, vocab_size=n_tokens, **SIZES)
+    return write_tiny_model(path, fmt=fmt, metadata=md, vocab_size=n_tokens, **SIZES)
 
 
 Slot = tuple[int, int]  # (offset in the file, width in bytes)
@@ -479,7 +479,7 @@ def test_value_mutant(scratch, name: str) -> None:
 def test_more_tokens_than_the_model_embeds(scratch) -> None:
     """A vocabulary longer than token_embd: its last ids would index past the embedding."""
     md = bpe_vocabulary()  # 260 tokens
-    path = write_tiny_llama(scratch(), fmt="q8_0", metadata=md, vocab_size=256, **SIZES)
+    path = write_tiny_model(scratch(), fmt="q8_0", metadata=md, vocab_size=256, **SIZES)
     with pytest.raises(UnsupportedModelError, match=r"has 260 tokens but the model only 256"):
         load_and_run(path)  # IndexError in Model.embed for the ids of 'hi' and 'ab'
 

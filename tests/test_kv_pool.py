@@ -33,8 +33,8 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(
         architecture="llama", n_layers=L, dim=KVH * HD, n_heads=KVH, n_kv_heads=KVH,
         head_dim=HD, ffn_dim=8, vocab_size=16, context_length=64, rope_base=10000.0,
-        rope_dim=HD - 1, rope_scaling=RopeScaling(), norm_eps=1e-5, sliding_window=None,
-        tied_embeddings=True,
+        rope_base_local=None, rope_dim=HD - 1, rope_scaling=RopeScaling(), norm_eps=1e-5,
+        sliding_window=None, tied_embeddings=True, attention_scale=HD**-0.5,
     )  # fmt: skip
 
 

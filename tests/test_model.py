@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gguf_factory import write_tiny_llama
+from gguf_factory import write_tiny_model
 from refinfer import reference
 from refinfer.errors import KVPoolFullError
 from refinfer.gguf import read_gguf, write_quantized
@@ -33,7 +33,7 @@ SMOLLM2_ATOL = 1e-3
 
 def tiny_model(path: Path, **kwargs) -> Model:
     """A synthetic model; it has no vocabulary, which forward() does not need."""
-    return Model(read_gguf(write_tiny_llama(path, **kwargs)), tokenizer=None)
+    return Model(read_gguf(write_tiny_model(path, **kwargs)), tokenizer=None)
 
 
 @pytest.fixture(scope="module")

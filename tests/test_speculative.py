@@ -44,7 +44,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gguf_factory import write_tiny_llama
+from gguf_factory import write_tiny_model
 from refinfer.decoding.calibrate import (
     Calibration,
     calibrate,
@@ -78,7 +78,7 @@ MIN_EXPECTED = 5  # cells expected to hold fewer draws are pooled into one
 
 def tiny(path: Path, **sizes) -> Model:
     """A synthetic model without a vocabulary: generate() works on ids."""
-    return Model(read_gguf(write_tiny_llama(path, **sizes)), tokenizer=None)
+    return Model(read_gguf(write_tiny_model(path, **sizes)), tokenizer=None)
 
 
 @pytest.fixture(scope="module")

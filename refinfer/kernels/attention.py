@@ -9,7 +9,9 @@ where lo = max(0, p - window + 1) with a window and lo = 0 without (so a token
 sees at most `window` positions, itself included: Mistral's convention, as in
 `reference.attention_mask`):
 
-    s_j = (q . k_j) / sqrt(HD),    out = sum_j softmax(s)_j v_j
+    s_j = (q . k_j) * scale,    out = sum_j softmax(s)_j v_j
+
+(scale = 1 / sqrt(HD), ModelConfig.attention_scale.)
 
 Online softmax (FlashAttention-2). The keys are visited in tiles, one block of
 the paged pool at a time (BS keys, found through the sequence's block table),
@@ -145,10 +147,13 @@ def _attend(
 
 
 @njit(cache=True, parallel=True)
-def paged_attention(q, k_cache, v_cache, block_tables, seq_index, positions, window, out):
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_index, positions, window, scale, out
+):  # fmt: skip
     """out[t, h] = causal (and windowed) attention of q[t, h] over its sequence's paged K/V.
 
     q: float32[T, H, HD] (RoPE applied, not scaled);  out: float32[T, H, HD], written.
+    scale: the scores are (q . k) * scale (1 / sqrt(HD) but for Gemma 3 27B).
     k_cache, v_cache: float32[n_blocks, BS, KVH, HD], one layer of the pool.
     block_tables: int32[S, max_blocks], padded with -1;  seq_index, positions: int32[T].
     Token t reads the keys max(0, p - window + 1) .. p (all of 0 .. p if window == 0)
@@ -157,7 +162,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_index, positions, win
     T, H, HD = q.shape
     BS, KVH = k_cache.shape[1], k_cache.shape[2]
     G = H // KVH  # query heads per kv head
-    scale = np.float32(1.0) / np.sqrt(np.float32(HD))
+    scale = np.float32(scale)
     n_items = T * KVH  # (token, kv head) pairs
     n_chunks = max(1, min(n_items, MAX_CHUNKS))  # (not get_num_threads: it defeats the cache)
     m = np.empty((n_chunks, G), dtype=np.float32)  # running max per head

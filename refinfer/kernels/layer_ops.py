@@ -1,11 +1,11 @@
-"""The small per-token operations of a transformer layer: RMSNorm, RoPE, SwiGLU.
+"""The small per-token operations of a transformer layer: RMSNorm, RoPE, the gated MLP's GLU.
 
 Each is cheap next to the matrix products, but each must keep the project's
 determinism contract: a token's result depends only on that token's inputs and
 is computed in one fixed order, so it is the same alone or inside any batch.
 NumPy's own reductions and its SIMD exp do not promise that (their order and
 code path can change with the array's length), so these are plain loops.
-Their NumPy twins are in refinfer/reference.py (rms_norm, rope, silu).
+Their NumPy twins are in refinfer/reference.py (rms_norm, rope, silu, gelu_tanh).
 """
 
 from __future__ import annotations
@@ -34,30 +34,43 @@ def rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True, parallel=True)
-def rope(x, positions, cos, sin):
+def rope(x, positions, cos, sin, neox):
     """Rotate x float32[T, heads, HD] in place by its token's position.
 
-    Pair (x[2i], x[2i+1]) turns by the angle position * freq_i:
-        x[2i]   <- x[2i] cos - x[2i+1] sin
-        x[2i+1] <- x[2i] sin + x[2i+1] cos
+    Pair (x[a_i], x[b_i]) turns by the angle position * freq_i:
+        x[a_i] <- x[a_i] cos - x[b_i] sin
+        x[b_i] <- x[a_i] sin + x[b_i] cos
+    with (a_i, b_i) = (2i, 2i + 1), or (i, i + rope_dim / 2) if `neox` (reference.rope_pairs).
     cos, sin: float32[n_positions, rope_dim / 2] tables; dims past rope_dim stay.
     """
     T, n_heads, _ = x.shape
     half = cos.shape[1]
+    step, offset = (1, half) if neox else (2, 1)  # a_i = step * i, b_i = a_i + offset
     for t in prange(T):
         p = positions[t]
         for h in range(n_heads):
             for i in range(half):
-                a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
-                x[t, h, 2 * i] = a * cos[p, i] - b * sin[p, i]
-                x[t, h, 2 * i + 1] = a * sin[p, i] + b * cos[p, i]
+                ia = step * i
+                ib = ia + offset
+                a, b = x[t, h, ia], x[t, h, ib]
+                x[t, h, ia] = a * cos[p, i] - b * sin[p, i]
+                x[t, h, ib] = a * sin[p, i] + b * cos[p, i]
 
 
 @njit(cache=True, parallel=True)
-def silu_mul(gate, up, out):
-    """out = silu(gate) * up, silu(g) = g / (1 + exp(-g)); float32[T, F], exp in float64."""
+def glu(gate, up, gelu_tanh, out):
+    """out = act(gate) * up for float32[T, F]; act computed in float64:
+
+    silu(g) = g / (1 + exp(-g))                                      (SwiGLU)
+    gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))  (GeGLU), if `gelu_tanh`
+    """
     T, F = gate.shape
+    c = math.sqrt(2.0 / math.pi)
     for t in prange(T):
         for i in range(F):
             g = np.float64(gate[t, i])
-            out[t, i] = np.float32(g / (1.0 + math.exp(-g))) * up[t, i]
+            if gelu_tanh:
+                a = 0.5 * g * (1.0 + math.tanh(c * (g + 0.044715 * g * g * g)))
+            else:
+                a = g / (1.0 + math.exp(-g))
+            out[t, i] = np.float32(a) * up[t, i]
