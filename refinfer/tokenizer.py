@@ -55,11 +55,35 @@ LLAMA3_SPLIT = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+QWEN35_SPLIT = (  # Qwen2's, with combining marks (\p{M}) kept inside words
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"
+    r"|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# DeepSeek's tokenizer.json spells out Unicode's cased letters and its CJK ranges.
+DEEPSEEK_LETTERS = (
+    "A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽ"
+    "ᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥ"
+    "ῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎ"
+    "ꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃"
+)
+DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
 SPLITS_BY_GROUP = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"),
     "gpt2": (GPT2_SPLIT,),
     "starcoder": (r"\p{N}", GPT2_SPLIT),  # digits one by one, then GPT-2's split
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, "[0-9][0-9][0-9]"),
     "llama3": (LLAMA3_SPLIT,),
     "qwen2": (QWEN2_SPLIT,),
+    "qwen35": (QWEN35_SPLIT,),
+    "deepseek-llm": (
+        r"[\r\n]",
+        rf"\s?[{DEEPSEEK_LETTERS}]+",
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        DEEPSEEK_CJK,
+        r"\p{N}+",
+    ),
+    "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"),
 }
 # tokenizer.ggml.pre as convert_hf_to_gguf.py writes it -> llama.cpp's group for it.
 PRE_GROUPS = {
@@ -67,7 +91,9 @@ PRE_GROUPS = {
     "smollm": "starcoder", "starcoder": "starcoder", "refact": "starcoder",
     "command-r": "starcoder", "codeshell": "starcoder",
     "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3", "falcon3": "llama3",
-    "qwen2": "qwen2", "stablelm2": "qwen2",
+    "qwen2": "qwen2", "stablelm2": "qwen2", "deepseek-r1-qwen": "qwen2", "megrez": "qwen2",
+    "default": "default", "falcon": "falcon", "qwen35": "qwen35",
+    "deepseek-llm": "deepseek-llm", "deepseek-coder": "deepseek-coder",
 }  # fmt: skip
 # End-of-turn markers that stop generation when the chat template uses them (as llama.cpp).
 END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -150,12 +176,10 @@ class Tokenizer:
         self.eos_ids: set[int] = self._end_ids(md)
         self.add_bos_default = _flag(md, "tokenizer.ggml.add_bos_token", self._adds_bos(md))
         self.add_eos_default = _flag(md, "tokenizer.ggml.add_eos_token", self._adds_eos())
-        always = self._always_parsed_types()
-        self._parsed_types = {CONTROL, UNKNOWN} | always  # what parse_special=True matches
-        self._special_ids = self._special_texts()
+        self._special_ids = self._special_texts()  # what parse_special=True matches
         self._special_re = _alternation(list(self._special_ids))
-        self._always_re = _alternation(
-            [text for text, i in self._special_ids.items() if self.types[i] in always]
+        self._user_defined_re = _alternation(  # what is matched whole even without it
+            [text for text, i in self._special_ids.items() if self.types[i] == USER_DEFINED]
         )
         self._bytes = [self._piece_bytes(i) for i in range(n)]  # id -> UTF-8 bytes of its text
 
@@ -196,19 +220,24 @@ class Tokenizer:
         return i
 
     def _end_ids(self, md: dict[str, Any]) -> set[int]:
-        """Ids that end a generation: eos, eot, eom, and end-of-turn tokens the template uses."""
+        """Ids that end a generation: eos, eot, eom, and the end-of-turn tokens the chat
+        template uses (all of them without a template, as llama.cpp: Gemma 3's GGUF has
+        none, yet its turns end in '<end_of_turn>')."""
         ids = {self._token_id(md, name) for name in ("eos", "eot", "eom")} - {None}
-        template = self.chat_template or ""
         for i, (text, kind) in enumerate(zip(self.tokens, self.types, strict=True)):
-            if kind == CONTROL and text in END_OF_TURN_TEXTS and text in template:
+            if kind == CONTROL and text in END_OF_TURN_TEXTS and self._template_uses(text):
                 ids.add(i)
         return ids
+
+    def _template_uses(self, text: str) -> bool:
+        """Whether the chat template writes `text` (True when there is no template)."""
+        return self.chat_template is None or text in self.chat_template
 
     def _special_texts(self) -> dict[str, int]:
         """Text -> id of every token that parse_special may match as a whole."""
         texts: dict[str, int] = {}
         for i, (text, kind) in enumerate(zip(self.tokens, self.types, strict=True)):
-            if kind in self._parsed_types and text:
+            if kind in (CONTROL, UNKNOWN, USER_DEFINED) and text:
                 texts.setdefault(text, i)
         return texts
 
@@ -219,10 +248,6 @@ class Tokenizer:
     def _adds_eos(self) -> bool:
         """Whether encode adds EOS when the GGUF does not say (llama.cpp's default)."""
         return False
-
-    def _always_parsed_types(self) -> set[int]:
-        """Token types matched as whole tokens even without parse_special."""
-        return set()
 
     def _piece_bytes(self, i: int) -> bytes:
         """The bytes token i decodes to (control tokens: none)."""
@@ -273,7 +298,7 @@ class Tokenizer:
 
     def _split_special(self, text: str, parse_special: bool) -> Iterator[str | int]:
         """`text` cut into plain-text pieces and the ids of the special tokens found in it."""
-        pattern = self._special_re if parse_special else self._always_re
+        pattern = self._special_re if parse_special else self._user_defined_re
         pos = 0
         if pattern is not None:
             for m in pattern.finditer(text):
@@ -377,6 +402,7 @@ class SentencePieceTokenizer(Tokenizer):
             )
         charsmap_key = "tokenizer.ggml.precompiled_charsmap"
         charsmap = bytes(b & 0xFF for b in _typed(md, charsmap_key, "a list of integers", []))
+        self.unk_id = self._unk_id(md)
         proto = self._model_proto(scores, charsmap)
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
@@ -389,22 +415,38 @@ class SentencePieceTokenizer(Tokenizer):
         """SentencePiece vocabularies start with BOS unless the GGUF says not to."""
         return True
 
+    def _unk_id(self, md: dict[str, Any]) -> int:
+        """The piece sentencepiece emits for what it cannot spell: tokenizer.ggml.
+        unknown_token_id (Gemma's '<unk>' is typed CONTROL), else the first UNKNOWN token."""
+        unk_id = self._token_id(md, "unknown")
+        if unk_id is None and UNKNOWN in self.types:
+            unk_id = self.types.index(UNKNOWN)
+        if unk_id is None:
+            raise TokenizerError(
+                "the SentencePiece vocabulary has no unknown token (no UNKNOWN type, no "
+                "tokenizer.ggml.unknown_token_id), which sentencepiece needs: re-convert the model"
+            )
+        return unk_id
+
+    def _proto_types(self) -> list[int]:
+        """Piece types for the ModelProto: exactly one UNKNOWN (the unk id), as sentencepiece
+        requires; other UNKNOWN-typed pieces (Phi-3's '[PAD32011]'...) become UNUSED, which
+        encoding never produces either."""
+        kinds = [UNUSED if kind == UNKNOWN else kind for kind in self.types]
+        kinds[self.unk_id] = UNKNOWN
+        return kinds
+
     def _model_proto(self, scores: list[float], charsmap: bytes) -> bytes:
         """A serialised sentencepiece ModelProto with this vocabulary, in id order."""
-        if UNKNOWN not in self.types:
-            raise TokenizerError(
-                "the SentencePiece vocabulary has no UNKNOWN token (sentencepiece needs one): "
-                "re-convert the model with its tokenizer.model"
-            )
         pieces = b"".join(
             _pb_bytes(1, _pb_bytes(1, text.encode()) + _pb_float(2, score) + _pb_int(3, kind))
-            for text, score, kind in zip(self.tokens, scores, self.types, strict=True)
+            for text, score, kind in zip(self.tokens, scores, self._proto_types(), strict=True)
         )
         trainer = (
             _pb_int(3, self.model_type)
             + _pb_int(4, self.vocab_size)
             + _pb_int(35, BYTE in self.types)  # byte_fallback: unknown bytes become <0xNN>
-            + _pb_int(40, self.types.index(UNKNOWN))  # unk_id
+            + _pb_int(40, self.unk_id)
         )
         normalizer = (
             _pb_bytes(1, b"identity" if not charsmap else b"gguf")  # name
@@ -469,10 +511,6 @@ class BPETokenizer(Tokenizer):
     def _adds_bos(self, md: dict[str, Any]) -> bool:
         """Llama-3-style vocabularies start with BOS; other byte-level ones do not."""
         return PRE_GROUPS.get(_typed(md, "tokenizer.ggml.pre", "a string", ""), "") == "llama3"
-
-    def _always_parsed_types(self) -> set[int]:
-        """Added (USER_DEFINED) tokens are matched whole, as HF and llama.cpp do."""
-        return {USER_DEFINED}
 
     def _piece_bytes(self, i: int) -> bytes:
         """Normal tokens map back through GPT-2's alphabet; added tokens are raw text."""
@@ -622,8 +660,13 @@ def _raise_template_error(message: str) -> None:
 # -- protobuf wire format, the little a sentencepiece ModelProto needs ------------------
 
 
+ONE_BYTE_VARINTS = [bytes((n,)) for n in range(0x80)]  # every tag and type: most varints
+
+
 def _varint(n: int) -> bytes:
     """Base-128 varint; negative int32 values as their 64-bit two's complement."""
+    if 0 <= n < 0x80:
+        return ONE_BYTE_VARINTS[n]
     n &= (1 << 64) - 1
     out = bytearray()
     while n > 0x7F:
