@@ -126,11 +126,52 @@ class _Reader(GGUFReader):
         if raw_type not in VALUE_TYPES:
             raise self._damaged(f"the value at byte {int(orig_offs)} has type {int(raw_type)}")
         if raw_type == GGUFValueType.ARRAY:
-            self._check_array_length(int(orig_offs))
+            item_type, length = self._check_array_length(int(orig_offs))
+            if length and (
+                item_type in self.gguf_scalar_to_np or item_type == GGUFValueType.STRING
+            ):
+                return self._get_array(int(orig_offs), item_type, length)
         return super()._get_field_parts(orig_offs, raw_type)
 
-    def _check_array_length(self, offs: int) -> None:
-        """ModelFileError if the array at `offs` claims more items than the file can hold."""
+    def _get_array(self, offs: int, item_type: int, length: int) -> tuple:
+        """An array of scalars or strings, as _get_field_parts returns it but without recursing.
+
+        gguf's reader parses an array one item at a time through _get_field_parts, which
+        took 31 s for Gemma 3's 262,144-token vocabulary (786,469 items in tokens, scores and
+        token_type). Here an array of scalars is one read: one part holding every item, that
+        the field's data points at (contents() flattens the parts it points at, so it gives
+        the same list; only contents(i) for one item i > 0 would not, and refinfer never calls
+        it). An array of strings is a tight loop making gguf's two parts of each string (its
+        length, its bytes) as views of the map, each string checked to lie inside the file.
+        Together: 31 s -> 1.3 s for Gemma 3, 4 s -> 0.6 s for SmolLM2.
+        """
+        head = [self._get(offs, np.uint32), self._get(offs + 4, np.uint64)]
+        types = [GGUFValueType.ARRAY, GGUFValueType(item_type)]
+        start = offs + 12
+        if item_type != GGUFValueType.STRING:
+            items = self._get(start, self.gguf_scalar_to_np[item_type], length)
+            return 12 + items.nbytes, [*head, items], [2], types
+        data, size, offs = self.data, len(self.data), start
+        # u64_at[i] is the uint64 at byte i, as a view of shape (1,) (gguf's length part): rows
+        # of 8 bytes, one byte apart. Indexing it is a quarter of the cost of slicing and
+        # viewing the map for each string.
+        rows = np.lib.stride_tricks.as_strided(data, (max(size - 7, 0), 8), (1, 1))
+        u64_at = rows.view(np.dtype(np.uint64).newbyteorder(self.byte_order))
+        parts = head
+        for k in range(length):
+            end = offs + 8 + int(u64_at[offs, 0]) if offs + 8 <= size else size + 1
+            if end > size:
+                raise self._damaged(
+                    f"string {k} of the array at byte {start - 12} runs past the end of the file "
+                    f"({size} bytes)"
+                )
+            parts += (u64_at[offs], data[offs + 8 : end])
+            offs = end
+        return offs - start + 12, parts, list(range(3, 2 * length + 3, 2)), types
+
+    def _check_array_length(self, offs: int) -> tuple[int, int]:
+        """The item type and length of the array at `offs`; ModelFileError if it claims more
+        items than the file can hold."""
         item_type = int(self._get(offs, np.uint32)[0])
         length = int(self._get(offs + 4, np.uint64)[0])
         scalar = self.gguf_scalar_to_np.get(item_type)
@@ -141,6 +182,7 @@ class _Reader(GGUFReader):
                 f"the array at byte {offs} claims {length} items, more than the {left} bytes "
                 f"after it can hold"
             )
+        return item_type, length
 
     def _build_tensors(self, start_offs, fields):  # after the tensor-info table, before the data
         expected, before = 0, None  # where the data of the tensor before ends, padded

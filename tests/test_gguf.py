@@ -3,6 +3,7 @@ and the requantising writer."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -155,3 +156,56 @@ def test_requantize_real_model_to_q8_0(smollm2: GGUFFile, tmp_path: Path) -> Non
     assert np.abs(w.dequantize() - exact).max() <= np.abs(exact).max() / 127
     np.testing.assert_array_equal(dequantize(dst["output_norm.weight"].data, F32),
                                   src["output_norm.weight"].dequantize())  # fmt: skip
+
+
+# -- big arrays: refinfer's reader reads a whole array at once (gguf's reads item by item) --
+
+N_BIG = 300_000  # more items than Gemma 3's 262,144-token vocabulary
+
+
+@pytest.fixture(scope="module")
+def big_arrays(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, gguf.GGUFReader]:
+    """A tiny model whose metadata holds arrays of every item type, two of 300k items (strings,
+    float32), and the file as gguf's own reader reads it (about 20 s, so once)."""
+    T = gguf.GGUFValueType
+    rng = np.random.default_rng(0)
+    pieces = ["", "\u2581the", "é", "中文", "<0x0A>", "a b", "x" * 300]
+    strings = [pieces[i % 7] + str(i) * (i % 3) for i in range(N_BIG)]  # "" and "é" among them
+    md: dict = {
+        "big.strings": (strings, T.ARRAY, T.STRING),
+        "big.float32": (rng.standard_normal(N_BIG).astype(np.float32).tolist(), T.ARRAY, T.FLOAT32),
+        "one.string": (["only"], T.ARRAY, T.STRING),
+        "one.uint64": ([2**64 - 1], T.ARRAY, T.UINT64),
+    }  # fmt: skip
+    for t, dtype in gguf.GGUFReader.gguf_scalar_to_np.items():  # every scalar type, 1000 items
+        values = rng.integers(0, 256, 1000).astype(dtype).tolist()
+        md[f"small.{t.name.lower()}"] = (values, T.ARRAY, t)
+    path = write_tiny_model(tmp_path_factory.mktemp("big") / "big.gguf", metadata=md)
+    return path, gguf.GGUFReader(path)
+
+
+def python_types(value: object) -> object:
+    return [type(v) for v in value] if isinstance(value, list) else type(value)
+
+
+def test_big_arrays_read_as_gguf_reads_them(big_arrays: tuple[Path, gguf.GGUFReader]) -> None:
+    path, stock = big_arrays
+    ours = read_metadata(path)
+    assert list(ours) == list(stock.fields)
+    for key, field in stock.fields.items():  # the same values, of the same Python types
+        want = field.contents()
+        assert ours[key] == want and python_types(ours[key]) == python_types(want), key
+    assert len(ours["big.strings"]) == N_BIG and ours["big.strings"][5] == "a b55"
+    fields = read_gguf(path).reader.fields
+    assert all(fields[key].types == field.types for key, field in stock.fields.items())
+
+
+def test_big_arrays_survive_requantising(
+    big_arrays: tuple[Path, gguf.GGUFReader], tmp_path: Path
+) -> None:
+    path, stock = big_arrays
+    src = read_gguf(path)
+    write_quantized_and_check(src, tmp_path / "ours.gguf", "q8_0")
+    # the same file as when the writer copies from gguf's own reader, byte for byte
+    write_quantized(dataclasses.replace(src, reader=stock), tmp_path / "stock.gguf", "q8_0")
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "stock.gguf").read_bytes()

@@ -374,6 +374,10 @@ BYTE_MUTANTS = {  # name: (base, the damaged bytes, error, a regex its message m
         "spm-f32", lambda f: put(f, "general.architecture", 2, int(T.ARRAY)),
         ModelFileError, r"claims \d+ items",
     ),  # looped for ever, a numpy view per missing item
+    "a huge string length in an array": (
+        "spm-f32", lambda f: put(f, TOKENS, 5 + 2 * 260, 2**40),
+        ModelFileError, r"string 260 of the array at byte \d+ runs past the end of the file",
+    ),  # refinfer reads an array of strings in one loop of its own, checking each string
     "a huge array length": (
         "bpe-q8_0", lambda f: put(f, "tokenizer.ggml.token_type", 4, 2**62),
         ModelFileError, r"the array at byte \d+ claims 4611686018427387904 items",
