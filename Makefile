@@ -12,7 +12,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_CPP_VOCAB := models/llama.cpp-vocab
 
-.PHONY: install install-dev peers models demo test bench lint format clean
+.PHONY: install install-dev peers models demo test bench notebooks lab lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,24 @@ bench: $(VENV)/.installed-dev models
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_decoding.py
 	$(PY) bench/bench_batching.py
+
+# The walk-throughs: each examples/NN_*.py (jupytext py:percent) run by Jupyter into
+# examples/executed/NN_*.ipynb with its outputs and figures (git-ignored; the notebook
+# runs in examples/, beside walkthrough.py). The tests run the same sources, fast.
+notebooks: $(VENV)/.installed-dev
+	mkdir -p examples/executed
+	for f in examples/[0-9][0-9]_*.py; do \
+	  nb=$${f%.py}.ipynb; \
+	  $(BIN)/jupytext --quiet --to ipynb --output $$nb $$f && \
+	  $(BIN)/jupyter execute --timeout 1800 --output 'executed/{notebook_name}' $$nb; \
+	  rc=$$?; rm -f $$nb; [ $$rc -eq 0 ] || exit $$rc; \
+	done
+
+# JupyterLab on examples/ (installed on first use): open executed/*.ipynb to read, or any
+# NN_*.py as a notebook to run and edit (jupytext pairs the two).
+lab: $(VENV)/.installed-dev
+	$(PIP) install jupyterlab
+	$(BIN)/jupyter lab examples
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check refinfer tests bench
