@@ -5,15 +5,22 @@ This is the text end of the data flow (text --tokenizer--> ids --model--> logits
 `tokenizer.*` metadata, so it works on a full model and on a vocabulary-only file,
 and picks the algorithm by `tokenizer.ggml.model`:
 
-- 'llama' (SentencePiece BPE: Llama 1/2, Mistral, TinyLlama) and 't5' (SentencePiece
+- 'llama' (SentencePiece BPE: Llama 1/2, Mistral, Phi-3, Gemma 3) and 't5' (SentencePiece
   unigram, as llama.cpp's converter labels unigram vocabularies): the GGUF's pieces,
   scores and types are serialised back into a SentencePiece ModelProto and the
   `sentencepiece` library itself encodes.
-- 'gpt2' (byte-level BPE: SmolLM2, Llama 3, Qwen2): a regex pre-tokeniser chosen by
-  `tokenizer.ggml.pre` (the regexes of llama.cpp's llama-vocab.cpp), then merges by rank
-  over the GPT-2 byte-to-unicode alphabet, cached per pre-token.
+- 'gpt2' (byte-level BPE: SmolLM2, Llama 3, Qwen2/Qwen3, DeepSeek, Falcon): a regex
+  pre-tokeniser chosen by `tokenizer.ggml.pre` (the regexes of llama.cpp's llama-vocab.cpp,
+  as rows of SPLITS_BY_GROUP), then merges by rank over the GPT-2 byte-to-unicode
+  alphabet, cached per pre-token.
+- 'gemma4': the same merges over UTF-8 characters as SentencePiece spells them ('▁' for
+  the space, '<0xNN>' byte fallback), on whole lines.
 
-Decoding is ours for both: every id maps to bytes once, at load, and text is the UTF-8
+SentencePiece's USER_DEFINED pieces (Gemma 3's runs of spaces, tabs and newlines) are cut
+out of the text before the library sees it, as llama.cpp and HF do: sentencepiece itself
+would match them only after turning spaces into '▁'.
+
+Decoding is ours for all: every id maps to bytes once, at load, and text is the UTF-8
 decoding of their concatenation. `stream_decoder()` does the same incrementally, so what
 it emits is always a prefix of the full decode and never a broken UTF-8 sequence.
 Special tokens (CONTROL, and UNKNOWN) become single ids only with `parse_special=True`;
@@ -84,6 +91,7 @@ SPLITS_BY_GROUP = {
         r"\p{N}+",
     ),
     "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"),
+    "gemma4": (r"[^\n]+|[\n]+",),  # lines and newline runs: BPE runs over whole lines
 }
 # tokenizer.ggml.pre as convert_hf_to_gguf.py writes it -> llama.cpp's group for it.
 PRE_GROUPS = {
@@ -96,7 +104,14 @@ PRE_GROUPS = {
     "deepseek-llm": "deepseek-llm", "deepseek-coder": "deepseek-coder",
 }  # fmt: skip
 # End-of-turn markers that stop generation when the chat template uses them (as llama.cpp).
-END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+END_OF_TURN_TEXTS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<turn|>",
+    "<|endoftext|>",
+)
 BPE_CACHE_LIMIT = 200_000  # pre-token words remembered by a byte-level BPE tokenizer
 BYTE_PIECE = regex.compile(r"<0x([0-9A-F]{2})>")  # a BYTE token, as sentencepiece spells it
 DAMAGED = "the GGUF's vocabulary is damaged; re-convert the model"
@@ -200,7 +215,8 @@ class Tokenizer:
                 "with its tokenizer (llama.cpp's convert_hf_to_gguf.py writes one)"
             )
         classes = {
-            cls.model: cls for cls in (SentencePieceTokenizer, UnigramTokenizer, BPETokenizer)
+            cls.model: cls
+            for cls in (SentencePieceTokenizer, UnigramTokenizer, BPETokenizer, Gemma4Tokenizer)
         }
         if kind not in classes:
             raise TokenizerError(
@@ -459,14 +475,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _piece_bytes(self, i: int) -> bytes:
         """'▁' is a space, '<0x0A>' is the byte 0x0A, control tokens are empty."""
-        text, kind = self.tokens[i], self.types[i]
-        if kind == CONTROL:
-            return b""
-        if kind == UNKNOWN:
-            return SPM_UNK_SURFACE.encode()
-        if kind == BYTE:
-            return _byte_of(text, i)
-        return text.replace(SPM_SPACE, " ").encode()
+        return _sentencepiece_bytes(self.tokens[i], self.types[i], i)
 
     def _encode_text(self, text: str) -> list[int]:
         """sentencepiece's ids for plain text (it adds the '▁' prefix if the model does)."""
@@ -495,18 +504,22 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, md: dict[str, Any]) -> None:
         super().__init__(md)
+        group = self._pre_group(md)
+        self._splits = [regex.compile(f"({expr})") for expr in SPLITS_BY_GROUP[group]]
+        self._ignore_merges = group == "llama3"  # whole words in the vocabulary skip merging
+        self._ids = {text: i for i, text in reversed(list(enumerate(self.tokens)))}
+        self._ranks = _merge_ranks(_require(md, "tokenizer.ggml.merges", "a list of strings"))
+        self._cache: dict[str, list[int]] = {}
+
+    def _pre_group(self, md: dict[str, Any]) -> str:
+        """The row of SPLITS_BY_GROUP that tokenizer.ggml.pre names."""
         self.pre = _typed(md, "tokenizer.ggml.pre", "a string", "default")
         if self.pre not in PRE_GROUPS:
             raise TokenizerError(
                 f"tokenizer.ggml.pre is {self.pre!r}, a pre-tokeniser refinfer does not know "
                 f"(it reads {', '.join(sorted(PRE_GROUPS))}): use a supported model"
             )
-        group = PRE_GROUPS[self.pre]
-        self._splits = [regex.compile(f"({expr})") for expr in SPLITS_BY_GROUP[group]]
-        self._ignore_merges = group == "llama3"  # whole words in the vocabulary skip merging
-        self._ids = {text: i for i, text in reversed(list(enumerate(self.tokens)))}
-        self._ranks = _merge_ranks(_require(md, "tokenizer.ggml.merges", "a list of strings"))
-        self._cache: dict[str, list[int]] = {}
+        return PRE_GROUPS[self.pre]
 
     def _adds_bos(self, md: dict[str, Any]) -> bool:
         """Llama-3-style vocabularies start with BOS; other byte-level ones do not."""
@@ -525,7 +538,7 @@ class BPETokenizer(Tokenizer):
             return text.encode()
 
     def _encode_text(self, text: str) -> list[int]:
-        """Pre-tokenise, then BPE each word (in GPT-2's alphabet), with a cache per word."""
+        """Pre-tokenise, then BPE each word, with a cache per word."""
         ids: list[int] = []
         for word in self._pre_tokenize(text):
             cached = self._cache.get(word)
@@ -544,15 +557,8 @@ class BPETokenizer(Tokenizer):
         return words
 
     def _bpe(self, word: str) -> list[int]:
-        """Ids of one pre-token: apply the lowest-ranked merge everywhere until none applies.
-
-        A byte with no token of its own (SmolLM2 has none for 0x04 or 0xF1) is dropped
-        before merging, as HF tokenizers' BPE without an unknown token does.
-        """
-        mapped = word.encode().decode("latin-1").translate(LATIN1_TO_GPT2)
-        if self._ignore_merges and mapped in self._ids:
-            return [self._ids[mapped]]
-        symbols = [c for c in mapped if c in self._ids]
+        """Ids of one pre-token: apply the lowest-ranked merge everywhere until none applies."""
+        symbols = self._symbols(word)
         ranks, never = self._ranks, len(self._ranks)
         while len(symbols) > 1:
             pairs = zip(symbols, symbols[1:], strict=False)
@@ -560,9 +566,21 @@ class BPETokenizer(Tokenizer):
             if best not in ranks:
                 break
             symbols = _merge_pair(symbols, best)
-        return [self._symbol_id(s) for s in symbols]
+        return [i for s in symbols for i in self._symbol_ids(s)]
 
-    def _symbol_id(self, symbol: str) -> int:
+    def _symbols(self, word: str) -> list[str]:
+        """The word in GPT-2's alphabet, one symbol per byte, before merging; whole if the
+        group ignores merges and the vocabulary has it (llama3).
+
+        A byte with no token of its own (SmolLM2 has none for 0x04 or 0xF1) is dropped
+        before merging, as HF tokenizers' BPE without an unknown token does.
+        """
+        mapped = word.encode().decode("latin-1").translate(LATIN1_TO_GPT2)
+        if self._ignore_merges and mapped in self._ids:
+            return [mapped]
+        return [c for c in mapped if c in self._ids]
+
+    def _symbol_ids(self, symbol: str) -> list[int]:
         """Id of a merged symbol; a merge result missing from the vocabulary is an error."""
         i = self._ids.get(symbol)
         if i is None:
@@ -570,7 +588,50 @@ class BPETokenizer(Tokenizer):
                 f"merge result {symbol!r} is not in the vocabulary: the GGUF's merges and "
                 "tokens do not belong together; re-convert the model"
             )
-        return i
+        return [i]
+
+
+class Gemma4Tokenizer(BPETokenizer):
+    """'gemma4' vocabularies: BPE over UTF-8 characters as SentencePiece spells them ('▁' for
+    the space, '<0xNN>' for a byte no merge reaches), on whole lines (llama.cpp's GEMMA4
+    pre-tokeniser: byte_encode off, escape_whitespaces on)."""
+
+    model = "gemma4"
+
+    def _pre_group(self, md: dict[str, Any]) -> str:
+        """Always 'gemma4', as llama.cpp sets it for this tokenizer model."""
+        self.pre = "gemma4"
+        return self.pre
+
+    def _piece_bytes(self, i: int) -> bytes:
+        """As SentencePiece's: '▁' is a space, '<0x0A>' the byte 0x0A."""
+        return _sentencepiece_bytes(self.tokens[i], self.types[i], i)
+
+    def _symbols(self, word: str) -> list[str]:
+        """The word's characters with '▁' for the space; a newline run that is one token
+        stays whole (llama.cpp's fix for Gemma 4)."""
+        if word.strip("\n") == "" and word in self._ids:
+            return [word]
+        return list(word.replace(" ", SPM_SPACE))
+
+    def _symbol_ids(self, symbol: str) -> list[int]:
+        """The symbol's id, or else the '<0xNN>' ids of its UTF-8 bytes (byte fallback)."""
+        if symbol in self._ids:
+            return [self._ids[symbol]]
+        pieces = (f"<0x{b:02X}>" for b in symbol.encode())
+        return [self._ids[p] for p in pieces if p in self._ids]
+
+
+def _sentencepiece_bytes(text: str, kind: int, i: int) -> bytes:
+    """The bytes SentencePiece decodes piece i to: '▁' is a space, '<0x0A>' the byte 0x0A,
+    a control piece nothing, the unknown piece ' ⁇ '."""
+    if kind == CONTROL:
+        return b""
+    if kind == UNKNOWN:
+        return SPM_UNK_SURFACE.encode()
+    if kind == BYTE:
+        return _byte_of(text, i)
+    return text.replace(SPM_SPACE, " ").encode()
 
 
 def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import os
@@ -21,6 +22,7 @@ import pytest
 import sentencepiece
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_tokenizer_vectors import VOCAB_DIR
 
 from refinfer.errors import RefinferError
 from refinfer.gguf import read_metadata
@@ -33,6 +35,7 @@ from refinfer.tokenizer import (
     NORMAL,
     UNKNOWN,
     UNUSED,
+    USER_DEFINED,
     Tokenizer,
 )
 
@@ -383,6 +386,104 @@ def test_sentencepiece_byte_fallback(spm_pair):
     assert tok.decode(ids) == "🦀"
 
 
+# -- Gemma 3: 262,144 SentencePiece pieces, user-defined runs, byte fallback -------------
+
+GEMMA3_CASES = [
+    "<start_of_turn>user\nHi!<end_of_turn>\n<start_of_turn>model\n",
+    "x  y   z    w\t\tv\n\n\nu \n \t",  # runs of spaces, tabs and newlines: USER_DEFINED pieces
+    "<table><tr><td>1</td></tr></table> [multimodal]",
+]
+# Pieces that exercise Gemma's added tokens; '▁' stays out: HF matches its added tokens
+# after turning spaces into '▁' (test_gemma3_literal_space_marker_as_llama_cpp).
+GEMMA3_TEXT = st.one_of(
+    TEXT.map(lambda s: s.replace("\u2581", " ")),
+    st.lists(
+        st.sampled_from(
+            [" ", "  ", "\t", "\n", "\r", "a", "é", "你", "😀", "𠜎", "<", "td>", "<end_of_turn>"]
+        ),
+        max_size=20,
+    ).map("".join),
+)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path) -> Tokenizer:
+    """refinfer's tokenizer of the real Gemma 3 270M file, read once per session."""
+    return Tokenizer.from_gguf(gemma3_path)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3(gemma3_path):
+    """HF's tokenizer from the same GGUF (its GGUF reader takes about a minute)."""
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return transformers.AutoTokenizer.from_pretrained(
+        gemma3_path.parent, gguf_file=gemma3_path.name
+    )
+
+
+@pytest.mark.parametrize("text", CORPUS + GEMMA3_CASES)
+def test_gemma3_ids_equal_hf(gemma3, hf_gemma3, text):
+    ids = gemma3.encode(text, add_bos=False, parse_special=True)  # HF always parses specials
+    assert ids == hf_gemma3.encode(text, add_special_tokens=False)
+    assert gemma3.decode(ids, special=True) == text
+
+
+@SLOW
+@given(text=GEMMA3_TEXT)
+def test_gemma3_ids_equal_hf_on_any_text(gemma3, hf_gemma3, text):
+    ids = gemma3.encode(text, add_bos=False, parse_special=True)
+    assert ids == hf_gemma3.encode(text, add_special_tokens=False)
+    assert gemma3.decode(ids, special=True) == text
+
+
+def test_gemma3_literal_space_marker_as_llama_cpp(gemma3, gemma3_path):
+    """A '▁' typed in the text: llama.cpp (and refinfer) keep it apart from the user-defined
+    runs of spaces, which HF matches after normalising ' ' to '▁'."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama = llama_cpp.Llama(str(gemma3_path), vocab_only=True, verbose=False)
+    for text in ("\u2581\u2581 x", " \u2581 y  z"):
+        expected = llama.tokenize(text.encode(), add_bos=False, special=False)
+        assert gemma3.encode(text, add_bos=False) == expected
+
+
+def test_gemma3_vocabulary_facts(gemma3):
+    assert gemma3.vocab_size == 262144
+    assert (gemma3.bos_id, gemma3.eos_id, gemma3.unk_id) == (2, 1, 3)  # '<unk>' is CONTROL
+    assert gemma3.encode("hi")[0] == gemma3.bos_id
+    assert gemma3.types[gemma3.encode("  ", add_bos=False)[0]] == USER_DEFINED
+    ids = gemma3.encode("\x00\U0010fffd", add_bos=False)  # no piece: UTF-8 bytes
+    assert [gemma3.id_to_piece(i) for i in ids] == [
+        "<0x00>",
+        "<0xF4>",
+        "<0x8F>",
+        "<0xBF>",
+        "<0xBD>",
+    ]
+
+
+def test_gemma3_chat(gemma3, hf_gemma3):
+    """The GGUF has no chat template: --chat says so in one line, and '<end_of_turn>' still
+    ends a generation (llama.cpp's rule). Gemma's turn format, llama.cpp's
+    google-gemma-2-2b-it.jinja (Gemma 3's, less system turns), renders as in HF."""
+    messages = [
+        {"role": "user", "content": "Name a river."},
+        {"role": "assistant", "content": " The Loire. "},
+        {"role": "user", "content": "And one in Asia?"},
+    ]
+    with pytest.raises(RefinferError, match="no chat template"):
+        gemma3.apply_chat_template(messages)
+    assert gemma3.encode("<end_of_turn>", add_bos=False, parse_special=True)[0] in gemma3.eos_ids
+    path = VOCAB_DIR / "templates" / "google-gemma-2-2b-it.jinja"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: `make test` unpacks llama.cpp's templates")
+    tok = copy.copy(gemma3)
+    tok.chat_template = path.read_text()
+    assert tok.apply_chat_template(messages) == hf_gemma3.apply_chat_template(
+        messages, chat_template=tok.chat_template, tokenize=False, add_generation_prompt=True
+    )
+
+
 # -- chat templates and bad input --------------------------------------------------------
 
 
@@ -410,15 +511,39 @@ def test_chat_template_errors(tmp_path):
 
 
 def test_end_of_turn_token_from_template(tmp_path):
+    """<|im_end|> ends a generation if the template writes it, or if there is no template."""
     md = _tiny_spm_metadata(tmp_path)
     md["tokenizer.ggml.tokens"] = md["tokenizer.ggml.tokens"] + ["<|im_end|>"]
     md["tokenizer.ggml.scores"] = md["tokenizer.ggml.scores"] + [0.0]
     md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"] + [CONTROL]
+    end_ids = {md["tokenizer.ggml.eos_token_id"], len(md["tokenizer.ggml.tokens"]) - 1}
+    assert Tokenizer.from_metadata(md).eos_ids == end_ids
     md["tokenizer.chat_template"] = (
         "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
     )
+    assert Tokenizer.from_metadata(md).eos_ids == end_ids
+    md["tokenizer.chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert Tokenizer.from_metadata(md).eos_ids == {md["tokenizer.ggml.eos_token_id"]}
+
+
+def test_sentencepiece_unknown_token_stored_as_phi3_and_gemma3_store_it(tmp_path):
+    """Gemma 3 types its '<unk>' CONTROL and Phi-3 types padding pieces UNKNOWN besides it:
+    sentencepiece's unk is tokenizer.ggml.unknown_token_id, and encoding is unchanged."""
+    sp = _train("bpe", False)
+    md = read_metadata(_export(sp, tmp_path / "unk.gguf", "llama", False))
+    md["tokenizer.ggml.token_type"][sp.unk_id()] = CONTROL
+    md["tokenizer.ggml.tokens"] = md["tokenizer.ggml.tokens"] + ["[PAD0]", "[PAD1]"]
+    md["tokenizer.ggml.scores"] = md["tokenizer.ggml.scores"] + [0.0, 0.0]
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"] + [UNKNOWN, UNKNOWN]
     tok = Tokenizer.from_metadata(md)
-    assert tok.eos_ids == {tok.eos_id, tok.vocab_size - 1}
+    assert tok.unk_id == sp.unk_id()
+    for text in SPM_CORPUS + ["[PAD0] 🦀"]:
+        assert tok.encode(text, add_bos=False) == sp.encode(text)
+    del md["tokenizer.ggml.unknown_token_id"]
+    assert Tokenizer.from_metadata(md).unk_id == sp.get_piece_size()  # the first UNKNOWN
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"][:-2] + [NORMAL, NORMAL]
+    with pytest.raises(RefinferError, match="no unknown token"):
+        Tokenizer.from_metadata(md)
 
 
 def test_vocabulary_only_gguf_without_tokenizer_is_an_error(tmp_path):

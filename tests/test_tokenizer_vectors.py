@@ -83,7 +83,12 @@ def test_ids_equal_llama_cpp(vocab):
 
 @pytest.mark.parametrize(
     "vocab, end_of_turn",
-    [("phi-3", "<|end|>"), ("qwen2", "<|im_end|>"), ("qwen35", "<|im_end|>")],
+    [
+        ("phi-3", "<|end|>"),
+        ("qwen2", "<|im_end|>"),
+        ("qwen35", "<|im_end|>"),
+        ("gemma-4", "<turn|>"),
+    ],
     indirect=["vocab"],
 )
 def test_chat_template_renders_as_hf(vocab, end_of_turn):
