@@ -17,6 +17,9 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 jupytext = pytest.importorskip("jupytext")
 
+# Short forward calls: a second Numba thread mostly waits (results do not depend on it).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("[0-9][0-9]_*.py"))
 
