@@ -312,6 +312,7 @@ def _print_batch_stats(s, records: list[dict], seconds: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render --help)."""
     from refinfer.decoding.generate import STRATEGIES
+    from refinfer.oracle import commands as oracle_commands
     from refinfer.quant import FORMATS, QUANTIZE_FORMATS
 
     parser = argparse.ArgumentParser(
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bat.set_defaults(run=cmd_batch)
+    oracle_commands.add_parsers(sub)
     return parser
 
 

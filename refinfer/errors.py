@@ -32,3 +32,7 @@ class KVPoolFullError(RefinferError):
 
 class InvalidParameterError(RefinferError):
     """A parameter outside its range (a negative temperature, top_p of 2, ...)."""
+
+
+class OracleFileError(RefinferError):
+    """A logits, trace or llama.cpp KLD file that is missing, of another format, or truncated."""

@@ -24,7 +24,7 @@ reference.py is the float64 twin of this file.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,10 @@ from refinfer.kernels.layer_ops import glu, rms_norm, rope
 from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.quant import QTensor, dequantize
 from refinfer.tokenizer import Tokenizer
+
+# A tap receives intermediates by llama.cpp's names ('Qcur-3', 'l_out-3', 'result_norm')
+# while the forward pass runs; the array is a work buffer, valid only during the call.
+Tap = Callable[[str, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,9 @@ class Model:
             self._workspaces[T] = Workspace.allocate(self.config, T)
         return self._workspaces[T]
 
-    def attention_block(self, x: np.ndarray, i: int, batch: Batch, pool: KVPool, ws: Workspace):
+    def attention_block(
+        self, x: np.ndarray, i: int, batch: Batch, pool: KVPool, ws: Workspace, tap: Tap | None
+    ) -> None:
         """ws.out = Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
         c, w, T = self.config, self.layers[i], len(x)
         rms_norm(x, w.attn_norm, c.norm_eps, ws.h)
@@ -240,6 +246,9 @@ class Model:
         cos, sin = self.rope_tables[w.rope]
         rope(ws.q, batch.positions, cos, sin, c.arch.rope_neox)
         rope(ws.k, batch.positions, cos, sin, c.arch.rope_neox)
+        if tap:
+            for name, y in (("attn_norm", ws.h), ("Qcur", ws.q), ("Kcur", ws.k), ("Vcur", ws.v)):
+                tap(f"{name}-{i}", y)
         pool.k_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.k  # into the pool
         pool.v_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.v
         paged_attention(
@@ -249,6 +258,9 @@ class Model:
         matmul(ws.attn.reshape(T, -1), w.wo, ws.out)
         if w.post_attn_norm is not None:
             rms_norm(ws.out, w.post_attn_norm, c.norm_eps, ws.out)
+        if tap:
+            tap(f"kqv_out-{i}", ws.attn.reshape(T, -1))
+            tap(f"attn_out-{i}", ws.out)
 
     def mlp_block(self, x: np.ndarray, i: int, ws: Workspace) -> None:
         """ws.out = MLP(RMSNorm(x)) = (act(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
@@ -262,23 +274,34 @@ class Model:
             rms_norm(ws.out, w.post_ffw_norm, c.norm_eps, ws.out)
 
     def forward(
-        self, batch: Batch, pool: KVPool, layers: Sequence[int] | None = None
-    ) -> np.ndarray:
+        self, batch: Batch, pool: KVPool, layers: Sequence[int] | None = None,
+        tap: Tap | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """float32 logits[R, V] for the batch's logit_rows; K/V of every token go to the pool.
 
         `layers` (default: all, in order) runs a subset, e.g. for self-speculative drafts.
+        `tap` (Model.trace) sees the named intermediates; without it nothing is recorded.
         """
         ws = self.workspace(len(batch.tokens))
         x = self.embed(batch.tokens)  # (T, D): the residual stream
         for i in range(self.config.n_layers) if layers is None else layers:
-            self.attention_block(x, i, batch, pool, ws)
+            self.attention_block(x, i, batch, pool, ws, tap)
             x += ws.out
+            if tap:
+                tap(f"ffn_inp-{i}", x)
             self.mlp_block(x, i, ws)
             x += ws.out
+            if tap:
+                tap(f"ffn_out-{i}", ws.out)
+                tap(f"l_out-{i}", x)
         x = np.ascontiguousarray(x[batch.logit_rows])  # (R, D)
         h = np.empty_like(x)
         rms_norm(x, self.output_norm, self.config.norm_eps, h)
-        return matmul(h, self.output)  # (R, V): a new array, the caller keeps it
+        logits = matmul(h, self.output)  # (R, V): a new array, the caller keeps it
+        if tap:
+            tap("result_norm", h)
+            tap("result_output", logits)
+        return logits
 
     # ---- the public API ------------------------------------------------------
 
@@ -294,14 +317,20 @@ class Model:
                 f"tokens; shorten the prompt or ask for fewer new tokens"
             )
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits[len(ids), V]: one fresh sequence, one prefill."""
+    def logits(self, ids: Sequence[int], tap: Tap | None = None) -> np.ndarray:
+        """float32 logits[len(ids), V]: one fresh sequence, one prefill (`tap`: see forward)."""
         if len(ids) == 0:
             raise RefinferError("logits() needs at least one token id")
         self.check_length(len(ids))
         pool = self.new_pool(len(ids))
         seq = pool.new_sequence()
-        return self.forward(Batch.append(pool, [(seq, list(ids))]), pool)
+        return self.forward(Batch.append(pool, [(seq, list(ids))]), pool, tap=tap)
+
+    def trace(self, ids: Sequence[int], names: Sequence[str] | None = None) -> dict:
+        """{llama.cpp name: float32[len(ids), ...]} of one fresh prefill; see oracle/trace.py."""
+        from refinfer.oracle.trace import trace
+
+        return trace(self, ids, names)
 
     def generate(self, prompt_or_ids, max_new_tokens: int = 32, **kwargs):
         """Generate a continuation; see refinfer.decoding.generate.generate for the arguments."""

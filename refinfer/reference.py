@@ -15,6 +15,7 @@ picture. Shapes follow the legend in config.py (T, D, H, KVH, HD, F, V).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -154,13 +155,18 @@ def layer_tensors(model: Weights, i: int) -> dict[str, QTensor]:
     return t
 
 
+def no_tap(name: str, value: np.ndarray) -> None:
+    """The default tap: record nothing (Model.trace / oracle/trace.py pass a recorder)."""
+
+
 def block(
     c: ModelConfig, w: dict[str, np.ndarray], i: int, x: np.ndarray, positions: np.ndarray,
-    freqs: np.ndarray,
+    freqs: np.ndarray, tap: Callable[[str, np.ndarray], None] = no_tap,
 ) -> np.ndarray:  # fmt: skip
     """Layer i of the model on the residual stream x[T, D]; returns the new x.
 
-    The switches of c.arch are the only differences between architectures.
+    The switches of c.arch are the only differences between architectures. `tap` sees
+    the intermediates by llama.cpp's names (attn_norm-i, Qcur-i, ..., l_out-i).
     """
     a, T = c.arch, len(x)
 
@@ -179,12 +185,17 @@ def block(
     factor = c.rope_scaling.attn_factor
     q = rope(q, positions, freqs, a.rope_neox, factor)
     k = rope(k, positions, freqs, a.rope_neox, factor)
+    for name, y in (("attn_norm", h), ("Qcur", q), ("Kcur", k), ("Vcur", v)):
+        tap(f"{name}-{i}", y)
     mask = attention_mask(positions, c.layer_window(i))
     o = attention(q, k, v, mask, c.attention_scale).reshape(T, c.n_heads * c.head_dim)
+    tap(f"kqv_out-{i}", o)
     o = o @ w["attn_output.weight"].T  # (T, D)
     if a.post_norms:
         o = rms_norm(o, w["post_attention_norm.weight"], c.norm_eps)
+    tap(f"attn_out-{i}", o)
     x = x + o
+    tap(f"ffn_inp-{i}", x)
 
     h = rms_norm(x, w["ffn_norm.weight"], c.norm_eps)
     # GLU: down(act(gate h) * up h), act = silu (SwiGLU) or gelu_tanh (GeGLU)
@@ -192,11 +203,18 @@ def block(
     m = g @ w["ffn_down.weight"].T
     if a.post_norms:
         m = rms_norm(m, w["post_ffw_norm.weight"], c.norm_eps)
+    tap(f"ffn_out-{i}", m)
+    tap(f"l_out-{i}", x + m)
     return x + m
 
 
-def forward(model: Weights, ids: list[int] | np.ndarray) -> np.ndarray:
-    """float64 logits[T, V] for one fresh sequence of token ids at positions 0..T-1."""
+def forward(
+    model: Weights, ids: list[int] | np.ndarray, tap: Callable[[str, np.ndarray], None] = no_tap
+) -> np.ndarray:
+    """float64 logits[T, V] for one fresh sequence of token ids at positions 0..T-1.
+
+    `tap` sees the intermediates by llama.cpp's names (block, then result_norm, result_output).
+    """
     c = model.config
 
     def w(name: str) -> np.ndarray:  # dequantised weights, one tensor at a time
@@ -212,19 +230,24 @@ def forward(model: Weights, ids: list[int] | np.ndarray) -> np.ndarray:
     for i in range(c.n_layers):
         freqs = rope_frequencies(c, freq_factors, i)
         weights = {n: t.dequantize().astype(np.float64) for n, t in layer_tensors(model, i).items()}
-        x = block(c, weights, i, x, positions, freqs)
+        x = block(c, weights, i, x, positions, freqs, tap)
 
     x = rms_norm(x, w("output_norm.weight"), c.norm_eps)
+    tap("result_norm", x)
     head = "token_embd.weight" if c.tied_embeddings else "output.weight"
-    return x @ w(head).T  # (T, V)
+    logits = x @ w(head).T  # (T, V)
+    tap("result_output", logits)
+    return logits
 
 
-def logits(model: Weights, ids: list[int] | np.ndarray) -> np.ndarray:
-    """The public oracle: float64 logits[len(ids), V] of one fresh sequence."""
+def logits(
+    model: Weights, ids: list[int] | np.ndarray, tap: Callable[[str, np.ndarray], None] = no_tap
+) -> np.ndarray:
+    """The public oracle: float64 logits[len(ids), V] of one fresh sequence (`tap`: forward)."""
     if len(ids) == 0:
         raise ValueError("ids is empty: the forward pass needs at least one token")
     if len(ids) > model.config.context_length:
         raise UnsupportedModelError(
             f"{len(ids)} tokens exceed the model's context of {model.config.context_length}"
         )
-    return forward(model, ids)
+    return forward(model, ids, tap)
