@@ -160,7 +160,7 @@ def test_requantize_real_model_to_q8_0(smollm2: GGUFFile, tmp_path: Path) -> Non
 
 # -- big arrays: refinfer's reader reads a whole array at once (gguf's reads item by item) --
 
-N_BIG = 300_000  # more items than Gemma 3's 262,144-token vocabulary
+N_BIG = 20_000  # the fast paths do not depend on the count; the stock reader parses ~10k items/s
 
 
 @pytest.fixture(scope="module")
