@@ -37,6 +37,7 @@ from refinfer.tokenizer import (
     UNUSED,
     USER_DEFINED,
     Tokenizer,
+    _merge_by_rank,
 )
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -255,6 +256,27 @@ def test_llama_bpe_defaults_to_bos_and_whole_words():
     md["tokenizer.ggml.bos_token_id"] = 257
     tok = Tokenizer.from_metadata(md)
     assert tok.encode(" hello") == [257, 256]  # BOS, then the word without any merge
+
+
+def _merge_naively(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE by its definition: join the leftmost adjacent pair of lowest rank, again and again."""
+    symbols = list(symbols)
+    while True:
+        pairs = enumerate(zip(symbols, symbols[1:], strict=False))
+        ranked = [(ranks[pair], k) for k, pair in pairs if pair in ranks]
+        if not ranked:
+            return symbols
+        _, k = min(ranked)
+        symbols[k : k + 2] = [symbols[k] + symbols[k + 1]]
+
+
+PAIRS = [(x, y) for x in ("a", "b", "ab", "ba", "aa") for y in ("a", "b", "ab", "bb")]
+
+
+@given(symbols=st.lists(st.sampled_from("ab"), max_size=40), merges=st.permutations(PAIRS))
+def test_merge_by_rank_equals_the_definition(symbols, merges):
+    ranks = {pair: rank for rank, pair in enumerate(merges[: len(merges) // 2])}
+    assert _merge_by_rank(symbols, ranks) == _merge_naively(symbols, ranks)
 
 
 # -- SentencePiece: trained here, exported as llama.cpp's converter does -----------------
