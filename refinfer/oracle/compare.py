@@ -44,8 +44,9 @@ What refinfer guarantees (tested):
     to about 1e-5 relative: max |dlogit| ~1e-4 on SmolLM2, NMSE ~1e-12.
 Measured, not guaranteed:
   - against HF transformers in float32 on the same GGUF: max |dlogit| ~1e-4;
-  - against llama.cpp's CPU path, which rounds activations to 8 bits before each
-    quantised matmul: see README.md, "Tolerance model".
+  - against llama.cpp 0.3.36's CPU path, which rounds activations to 8 bits before
+    each quantised matmul (SmolLM2 Q4_1, 256 tokens): mean KLD 4.0e-3 (max 2.5e-2),
+    max |dlogit| 1.58, NMSE 3.5e-4, top-1 95.7%, vLLM's top-5 rule held everywhere.
 Recommended thresholds:
   same engine, another machine or thread count     --max-abs 0        (bitwise)
   an engine with float32 activations (HF, ...)     --max-abs 1e-3 --min-top1 1
@@ -254,7 +255,7 @@ def format_rows_report(r: dict) -> str:
         f"NMSE           {r['nmse']:.4g}",
         f"mean KLD       {r['kld_mean']:.4g}",
         "KLD            " + ", ".join(f"{k} {v:.3g}" for k, v in r["kld_percentiles"].items()),
-        f"top-1          {r['top1']:.2%} same argmax; first difference at "
+        f"top-1          {r['top1']:.2%} same argmax; first difference: "
         + (f"position {first}" if first is not None else "none"),
         f"top-{r['top_k']} rule     "
         + (
