@@ -98,6 +98,7 @@ class Request:
     priority: int = 0  # larger runs first; the smallest is preempted first
     id: Any = None  # the caller's name for it; default: its arrival number in the engine
     on_text: Callable[[str], None] | None = None  # called with each new piece of text
+    on_token: Callable[[int, np.ndarray], None] | None = None  # each token, logits[V] drawn from
     keep_logits: bool = False  # keep the logits row each generated token was sampled from
 
     @classmethod
@@ -449,6 +450,8 @@ class Engine:
     def _accept(self, s: _Sequence, logits: np.ndarray) -> None:
         """Sample s's next token from logits[V]; finish s if the token ends it."""
         token = s.sampler.sample(logits, s.tokens)
+        if s.request.on_token:
+            s.request.on_token(token, logits)
         if s.request.keep_logits:
             s.logits.append(logits.copy())  # a row of this step's logits: keep only it
         s.tokens.append(token)
