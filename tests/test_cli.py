@@ -14,7 +14,7 @@ import pytest
 from gguf_factory import tiny_tensors, write_tiny_model
 from refinfer import quant
 from refinfer.cli import main
-from refinfer.gguf import read_gguf, read_metadata
+from refinfer.gguf import read_gguf
 
 
 def run_cli(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "refinfer")):
@@ -178,22 +178,6 @@ def test_generate_bad_decoding_options_are_one_line(args: list[str], message: st
     status, _, err = run_cli("generate", "--prompt", "Hi", *args)
     assert status == 2, err
     assert err.count("\n") == 1 and message in err
-
-
-@pytest.fixture(scope="module")
-def tiny_speaking_smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
-    """A tiny random 4-layer model with SmolLM2's vocabulary: text in, text out, fast."""
-    T = gguf.GGUFValueType
-    md = read_metadata(smollm2_path)
-    metadata = {}
-    for key, value in md.items():
-        if key.startswith("tokenizer.") and isinstance(value, list):
-            metadata[key] = (value, T.ARRAY, T.STRING if isinstance(value[0], str) else T.INT32)
-        elif key.startswith("tokenizer."):
-            metadata[key] = (value, {str: T.STRING, int: T.UINT32, bool: T.BOOL}[type(value)])
-    path = tmp_path_factory.mktemp("vocab") / "m.gguf"
-    return write_tiny_model(path, metadata=metadata, vocab_size=len(md["tokenizer.ggml.tokens"]),
-                            n_layers=4)  # fmt: skip
 
 
 def test_self_speculative_without_calibration_says_how(tiny_speaking_smollm2: Path) -> None:
