@@ -24,6 +24,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("[0-9][0-9]_*.py"))
 
 
+def test_there_are_seven_walkthroughs() -> None:
+    assert len(NOTEBOOKS) >= 7, [p.name for p in NOTEBOOKS]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_a_percent_notebook_without_kernels(path: Path) -> None:
     notebook = jupytext.read(path)
