@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -34,7 +35,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from refinfer.decoding.batching import Completion, Engine
+from refinfer.decoding.batching import SAMPLING_FIELDS, Completion, Engine
 from refinfer.decoding.batching import Request as EngineRequest
 from refinfer.decoding.generate import prompt_ids
 from refinfer.errors import RefinferError
@@ -169,7 +170,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, **o
     app = create_app(load(model_path), **options)
     service = app.state.service
     key = "; every request but /health needs the API key" if service.api_key else ""
-    log.warning("refinfer: serving %s at http://%s:%d/v1%s", service.model_id, host, port, key)
+    print(f"refinfer: serving {service.model_id} at http://{host}:{port}/v1{key}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -270,14 +271,7 @@ async def _answer(
             503, f"the server holds {s.capacity} requests already; retry later", "server_busy"
         )
     with _client_error():
-        params = SamplingParams(
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-        )
+        params = SamplingParams(**body.model_dump(include=set(SAMPLING_FIELDS)))
     request = EngineRequest(prompt, params, max_tokens=max_tokens, stop=body.stop_strings())
     events = _events(s, Job(request, reply.n_top), None if body.stream else http)
     first = await anext(events)

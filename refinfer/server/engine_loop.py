@@ -75,7 +75,7 @@ class Job:
     """
 
     def __init__(self, request: Request, n_top: int | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.event_loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Piece | Done] = asyncio.Queue()
         self.request = request
         self.request_id: int | None = None  # set by the engine thread
@@ -100,7 +100,7 @@ class Job:
         return out
 
     def _put(self, event: Piece | Done) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.event_loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class EngineLoop:
