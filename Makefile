@@ -94,6 +94,7 @@ bench: $(VENV)/.installed-dev models
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_decoding.py
 	$(PY) bench/bench_batching.py
+	$(PY) bench/bench_server.py
 
 # The walk-throughs: each examples/NN_*.py (jupytext py:percent) run by Jupyter into
 # examples/executed/NN_*.ipynb with its outputs and figures (git-ignored; the notebook
