@@ -173,6 +173,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"({numba.get_num_threads()} threads)",
         file=sys.stderr,
     )
+    if s.compile_seconds:
+        print(f"JIT compile {s.compile_seconds:.1f} s (first use; cached for later runs, and "
+              f"not counted in the speeds above)", file=sys.stderr)  # fmt: skip
     if args.decoding != "plain":
         c = s.steps
         print(

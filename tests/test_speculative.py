@@ -671,3 +671,28 @@ def test_self_speculative_uses_the_calibration_file_and_stays_exact(calibrated, 
     write_calibration(dataclasses.replace(calibrated, layers=[7]), calibration_path(model.path))
     with pytest.raises(InvalidParameterError, match=r"0\.\.3, got \[7\]"):
         generate(model, prompt, 4, decoding="self-speculative")
+
+
+# ---- first-use compile time ---------------------------------------------------------
+
+
+def test_first_use_compile_is_reported_apart_from_the_speeds(m, monkeypatch) -> None:
+    """A kernel compiled during prefill counts in compile_seconds and time to first token,
+    not in prefill_seconds; a run that compiles nothing reports 0."""
+    import numba
+
+    @numba.njit  # a new function: calling it compiles, as a first use compiles the kernels
+    def fresh(x):
+        return x + 1
+
+    forward = m.target.forward
+
+    def forward_that_compiles(*args, **kwargs):
+        fresh(1)
+        return forward(*args, **kwargs)
+
+    assert generate(m.target, [1, 2, 3], 4).stats.compile_seconds == 0
+    monkeypatch.setattr(m.target, "forward", forward_that_compiles)
+    s = generate(m.target, [1, 2, 3], 4).stats
+    assert s.compile_seconds > 0.01
+    assert s.prefill_seconds == pytest.approx(s.time_to_first_token - s.compile_seconds)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from refinfer.decoding.speculative import DecodeState, DraftLength, Proposer, StepCounts, step
 from refinfer.errors import InvalidParameterError, RefinferError
+from refinfer.kernels import compile_seconds
 from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.model import Batch, Model
 from refinfer.sampling import Sampler, SamplingParams
@@ -37,7 +38,8 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    time_to_first_token: float = 0.0
+    time_to_first_token: float = 0.0  # wall time, a first use's compile included
+    compile_seconds: float = 0.0  # Numba compiling kernels on first use (not in the speeds)
     steps: StepCounts = field(default_factory=StepCounts)  # the decoding steps after prefill
     draft_cost: float = 0.0  # the proposer's cost per drafted token, in decoding steps
 
@@ -139,21 +141,26 @@ def _run(
     state = DecodeState(model, pool, pool.new_sequence(), list(prompt), sampler)
     emitter = _Emitter(model, max_new_tokens, result)
 
+    compiled = []  # seconds of first-use kernel compiles, excluded from the speeds
     start = time.perf_counter()
-    logits = model.forward(Batch.append(pool, [(state.seq, prompt)], all_logits=False), pool)
-    state.history.append(sampler.sample(logits[-1], prompt))
-    stats.prefill_seconds = stats.time_to_first_token = time.perf_counter() - start
-    decode_start = time.perf_counter()
+    with compile_seconds(compiled.append):
+        logits = model.forward(Batch.append(pool, [(state.seq, prompt)], all_logits=False), pool)
+        state.history.append(sampler.sample(logits[-1], prompt))
+    stats.time_to_first_token = time.perf_counter() - start
+    stats.prefill_seconds = stats.time_to_first_token - sum(compiled)
+    decode_start, n_compiled = time.perf_counter(), len(compiled)
     yield from emitter.push(state.history[-1:])
     while not result.finish_reason:
         remaining = max_new_tokens - len(result.ids)
         k = min(draft_length.next_k(), remaining - 1)  # never run past the length limit
-        verdict, proposed, spent = step(state, proposer, k)
+        with compile_seconds(compiled.append):
+            verdict, proposed, spent = step(state, proposer, k)
         draft_length.update(proposed, verdict.n_accepted, spent)
         n_ids = len(result.ids)
         yield from emitter.push(verdict.tokens)
         stats.steps.add(proposed, verdict.n_accepted, len(result.ids) - n_ids)
-    stats.decode_seconds = time.perf_counter() - decode_start
+    stats.decode_seconds = time.perf_counter() - decode_start - sum(compiled[n_compiled:])
+    stats.compile_seconds = sum(compiled)
     proposer.close(state)
     pool.free(state.seq)
 

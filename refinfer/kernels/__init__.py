@@ -23,6 +23,8 @@ NUMBA_CACHE_DIR to move the cache, NUMBA_NUM_THREADS to limit the threads.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,16 @@ def compiled_cache_present() -> bool:
     here = Path(__file__).parent
     roots = [Path(cache_dir)] if cache_dir else [here / "__pycache__"]
     return any(any(root.rglob("*.nbi")) for root in roots if root.is_dir())
+
+
+@contextmanager
+def compile_seconds(record) -> Iterator[None]:
+    """Call record(seconds) with the time Numba spent compiling kernels inside the block.
+
+    Loading a kernel from the disk cache is not compiling and counts nothing; so on any run
+    but the first this records nothing (record is not called).
+    """
+    from numba.core import event
+
+    with event.install_timer("numba:compile", record):
+        yield
