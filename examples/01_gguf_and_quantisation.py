@@ -95,7 +95,7 @@ x32 = quant.dequantize(x32, quant.Q8_0).ravel()[:32]  # (32,) one block's worth 
 blocks = {fmt: quant.quantize(x32, fmt) for fmt in (quant.Q8_0, quant.Q4_0)}
 w_q4k = gemma.tensors["blk.0.attn_output.weight"]
 blocks[quant.Q4_K] = w_q4k.data[0, : quant.Q4_K.type_size]
-for fmt, raw in blocks.items():
+for fmt in blocks:
     print(f"{fmt.name}: {fmt.type_size} bytes per {fmt.block_size} weights = "
           f"{fmt.bits_per_weight} bits/weight; fields {[(n, b) for n, _, b in fmt.fields]}")
 
@@ -112,8 +112,9 @@ def draw_block(ax, raw, fmt, width=36):
             ax.text(col + 0.5, -row - 0.5, f"{raw[i]:02x}", ha="center", va="center", fontsize=6)
         row, col = divmod(start, width)
         ax.text(col, -row + 0.15, name, fontsize=8, weight="bold")
+    rows = -(-fmt.type_size // width)  # ceil
     ax.set_xlim(0, width)
-    ax.set_ylim(-(-(-fmt.type_size // width)), 0.8)
+    ax.set_ylim(-rows, 0.8)
     ax.set_title(f"{fmt.name}: {fmt.type_size} bytes, {fmt.block_size} weights", fontsize=9)
     ax.axis("off")
 

@@ -81,18 +81,18 @@ def online_softmax_attention(q_t, k_g, v_g, tile):
     """out[HD] of one query q_t[HD] over keys k_g, v_g [n, HD], `tile` keys at a time.
 
     Also returns the running (m, l) after each tile."""
-    m, l, acc = -np.inf, 0.0, np.zeros(len(q_t))
+    m, lsum, acc = -np.inf, 0.0, np.zeros(len(q_t))
     history = []
     for j0 in range(0, len(k_g), tile):
         s = k_g[j0 : j0 + tile] @ q_t * scale  # (tile,) this tile's scores
         m_new = max(m, s.max())
         alpha = np.exp(m - m_new)  # 0 on the first tile
         p = np.exp(s - m_new)  # (tile,)
-        l = l * alpha + p.sum()
+        lsum = lsum * alpha + p.sum()
         acc = acc * alpha + p @ v_g[j0 : j0 + tile]
         m = m_new
-        history.append((m, l))
-    return acc / l, np.array(history)
+        history.append((m, lsum))
+    return acc / lsum, np.array(history)
 
 
 t, h = T - 1, 4  # the last query, query head 4 (reads kv head 4 // G = 1)

@@ -116,6 +116,11 @@ pool.check()
 snapshot("free B", seqs)
 
 
+# %% [markdown]
+# Each row is a sequence's block table: cell $i$ is its $i$-th block, the number (and the
+# colour) the physical block in the pool, and the filled part the tokens it holds. Shared
+# blocks appear in several rows with the same number.
+
 # %%
 def draw(ax, what, tables, lengths):
     """Each sequence a row of its logical blocks, coloured and labelled by physical block."""
@@ -137,8 +142,6 @@ def draw(ax, what, tables, lengths):
 fig, axes = plt.subplots(1, len(snapshots), figsize=(2.6 * len(snapshots), 2))
 for ax, snap in zip(axes, snapshots, strict=True):
     draw(ax, *snap)
-fig.suptitle("block tables: cell = logical block, number and colour = physical block, "
-             "fill = tokens in it", fontsize=9)
 plt.show()
 
 # %% [markdown]

@@ -166,15 +166,16 @@ plt.show()
 
 # %%
 Ts = pick([1, 2, 4, 8, 16], [1, 4, 16])
+REPEATS = pick(5, 3)
 pool = KVPool(m.config, blocks_for(len(prompt) + max(Ts), BLOCK_SIZE))
 seq = pool.new_sequence()
 m.forward(Batch.append(pool, [(seq, prompt)], all_logits=False), pool)
 
 
-def forward_seconds(T, repeats=pick(5, 3)):
+def forward_seconds(T):
     """Median seconds of a forward call of T tokens appended after the prompt."""
     times = []
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         batch = Batch.append(pool, [(seq, prompt[:T])])
         start = time.perf_counter()
         m.forward(batch, pool)

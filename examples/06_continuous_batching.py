@@ -149,10 +149,10 @@ for i, r in enumerate(requests):
 # %% [markdown]
 # ## Throughput and time to first token against concurrency
 #
-# Eight requests (four in the fast setting) queued at once. With one sequence at a time each request waits for the
-# ones before it; with more, decode steps carry several tokens for about the price of one
-# (notebook 05's cost curve), so generated tokens per second rise and the mean time to
-# first token falls.
+# Eight requests (four in the fast setting) queued at once. With one sequence at a time
+# each request waits for the ones before it; with more, decode steps carry several tokens
+# for about the price of one (notebook 05's cost curve), so generated tokens per second
+# rise and the mean time to first token falls.
 
 # %%
 sweep = [Request(t, max_tokens=pick(32, 8), ignore_eos=True) for t in texts[:4] * pick(2, 1)]
