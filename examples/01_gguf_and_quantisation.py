@@ -43,10 +43,18 @@ from refinfer.models import default_model_path
 # %%
 gf = read_gguf(default_model_path())  # SmolLM2-135M-Instruct, Q4_1
 info = summary(gf)
-print(f"{info['file']}: {info['file_size'] / 1e6:.1f} MB, {info['n_tensors']} tensors, "
-      f"{info['n_parameters'] / 1e6:.1f} M parameters, {info['bytes_per_parameter']:.2f} B each")
-for key in ["general.architecture", "llama.block_count", "llama.embedding_length",
-            "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base"]:
+print(
+    f"{info['file']}: {info['file_size'] / 1e6:.1f} MB, {info['n_tensors']} tensors, "
+    f"{info['n_parameters'] / 1e6:.1f} M parameters, {info['bytes_per_parameter']:.2f} B each"
+)
+for key in [
+    "general.architecture",
+    "llama.block_count",
+    "llama.embedding_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.rope.freq_base",
+]:
     print(f"  {key:32} {gf.metadata[key]}")
 print("tensor types:", info["tensor_types"])
 
@@ -96,8 +104,10 @@ blocks = {fmt: quant.quantize(x32, fmt) for fmt in (quant.Q8_0, quant.Q4_0)}
 w_q4k = gemma.tensors["blk.0.attn_output.weight"]
 blocks[quant.Q4_K] = w_q4k.data[0, : quant.Q4_K.type_size]
 for fmt in blocks:
-    print(f"{fmt.name}: {fmt.type_size} bytes per {fmt.block_size} weights = "
-          f"{fmt.bits_per_weight} bits/weight; fields {[(n, b) for n, _, b in fmt.fields]}")
+    print(
+        f"{fmt.name}: {fmt.type_size} bytes per {fmt.block_size} weights = "
+        f"{fmt.bits_per_weight} bits/weight; fields {[(n, b) for n, _, b in fmt.fields]}"
+    )
 
 
 # %%
@@ -177,8 +187,10 @@ for fmt in formats:
     assert np.array_equal(raw, gguf.quants.quantize(W, fmt.ggml_type))  # ggml's quantiser
     assert np.array_equal(W_hat, gguf.quants.dequantize(raw, fmt.ggml_type))  # and dequantiser
     error[fmt.name] = ((W_hat - W) / rms).ravel()
-    print(f"{fmt.name:5} {fmt.bits_per_weight:4.1f} bits/weight  raw {raw.shape}  "
-          f"RMS error {np.sqrt(np.mean(error[fmt.name] ** 2)):.4f} x row RMS")
+    print(
+        f"{fmt.name:5} {fmt.bits_per_weight:4.1f} bits/weight  raw {raw.shape}  "
+        f"RMS error {np.sqrt(np.mean(error[fmt.name] ** 2)):.4f} x row RMS"
+    )
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.5))

@@ -38,8 +38,10 @@ c = m.config
 ids = m.tokenizer.encode("The capital of France is")
 T = len(ids)
 print("tokens:", [m.tokenizer.decode([i]) for i in ids])
-print(f"T={T} D={c.dim} H={c.n_heads} KVH={c.n_kv_heads} HD={c.head_dim} F={c.ffn_dim} "
-      f"V={c.vocab_size} L={c.n_layers}")
+print(
+    f"T={T} D={c.dim} H={c.n_heads} KVH={c.n_kv_heads} HD={c.head_dim} F={c.ffn_dim} "
+    f"V={c.vocab_size} L={c.n_layers}"
+)
 
 # %% [markdown]
 # ## Embedding
@@ -49,8 +51,10 @@ print(f"T={T} D={c.dim} H={c.n_heads} KVH={c.n_kv_heads} HD={c.head_dim} F={c.ff
 # %%
 E = m.tensors["token_embd.weight"].dequantize().astype(np.float64)  # (V, D)
 x0 = E[ids]  # (T, D): the residual stream
-w = {name: t.dequantize().astype(np.float64)  # layer 0's weights, dequantised
-     for name, t in reference.layer_tensors(m, 0).items()}
+w = {
+    name: t.dequantize().astype(np.float64)  # layer 0's weights, dequantised
+    for name, t in reference.layer_tensors(m, 0).items()
+}
 print("x", x0.shape)
 
 # %% [markdown]
@@ -61,8 +65,15 @@ print("x", x0.shape)
 # %%
 h = reference.rms_norm(x0, w["attn_norm.weight"], c.norm_eps)  # (T, D)
 rms = np.sqrt(np.mean(x0**2, axis=1))  # (T,)
-print("h", h.shape, "; RMS of each token's x:", np.round(rms, 4), "; of x / RMS:",
-      np.round(np.sqrt(np.mean((h / w["attn_norm.weight"]) ** 2, axis=1)), 4), "(eps aside)")
+print(
+    "h",
+    h.shape,
+    "; RMS of each token's x:",
+    np.round(rms, 4),
+    "; of x / RMS:",
+    np.round(np.sqrt(np.mean((h / w["attn_norm.weight"]) ** 2, axis=1)), 4),
+    "(eps aside)",
+)
 
 # %% [markdown]
 # ## Queries, keys, values
@@ -118,8 +129,11 @@ for radius, i in zip((1.0, 0.8, 0.6, 0.4), (0, 2, 6, 12), strict=True):
     ax.text(radius + 0.02, 0.02, f"pair {i}: {freqs[i]:.3f} rad/token", fontsize=7)
 fig.colorbar(dots, label="position p")
 ax.set_aspect("equal")
-ax.set_title(f"pairs of the vector (1, 0, 1, 0, ...) at positions 0..{P_MAX - 1}\n"
-             "(each pair drawn at its own radius)", fontsize=9)
+ax.set_title(
+    f"pairs of the vector (1, 0, 1, 0, ...) at positions 0..{P_MAX - 1}\n"
+    "(each pair drawn at its own radius)",
+    fontsize=9,
+)
 plt.show()
 
 # %% [markdown]
@@ -198,6 +212,7 @@ assert np.array_equal(fast["result_output"], m.logits(ids))  # the tap changes n
 
 # %% [markdown]
 # ## The next token
+
 
 # %%
 def top5(logits):

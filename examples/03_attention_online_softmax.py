@@ -57,8 +57,13 @@ positions = np.arange(T)
 scale = config.attention_scale
 print(f"q {q.shape}, k {k.shape}, v {v.shape}, G = {G}, scale = {scale}")
 
-naive = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
-                            reference.attention_mask(positions, None), scale)  # (T, H, HD)
+naive = reference.attention(
+    q.astype(np.float64),
+    k.astype(np.float64),
+    v.astype(np.float64),
+    reference.attention_mask(positions, None),
+    scale,
+)  # (T, H, HD)
 print("reference:", naive.shape)
 
 # %% [markdown]
@@ -75,6 +80,7 @@ print("reference:", naive.shape)
 # overflows; when a tile raises the maximum, what was summed so far is rescaled by
 # $e^{m - m'}$. The working memory is $m$, $\ell$, $\mathrm{acc}[HD]$ and one tile of
 # scores, whatever the number of keys.
+
 
 # %%
 def online_softmax_attention(q_t, k_g, v_g, tile):
@@ -146,8 +152,17 @@ pool.v_cache[0].reshape(-1, KVH, HD)[slots] = v
 def kernel(q, positions, window=0):
     """paged_attention for the tokens of `seq` at `positions`: out (len, H, HD)."""
     out = np.empty_like(q)
-    paged_attention(q, pool.k_cache[0], pool.v_cache[0], pool.block_tables([seq]),
-                    np.zeros(len(q), np.int32), positions.astype(np.int32), window, scale, out)
+    paged_attention(
+        q,
+        pool.k_cache[0],
+        pool.v_cache[0],
+        pool.block_tables([seq]),
+        np.zeros(len(q), np.int32),
+        positions.astype(np.int32),
+        window,
+        scale,
+        out,
+    )
     return out
 
 
@@ -176,8 +191,10 @@ ax.legend(fontsize=8)
 plt.show()
 for x, mem in zip(n, memory, strict=True):
     assert np.isclose(mem["ratio"], x / (HD + BS + 2))
-print(f"at n = {n[-1]}: naive {memory[-1]['naive'] / 2**20:.0f} MiB, "
-      f"tiled {memory[-1]['tiled'] / 2**20:.1f} MiB")
+print(
+    f"at n = {n[-1]}: naive {memory[-1]['naive'] / 2**20:.0f} MiB, "
+    f"tiled {memory[-1]['tiled'] / 2**20:.1f} MiB"
+)
 
 # %% [markdown]
 # ## Sliding windows
@@ -190,8 +207,11 @@ print(f"at n = {n[-1]}: naive {memory[-1]['naive'] / 2**20:.0f} MiB, "
 W = pick(40, 24)
 window_mask = reference.attention_mask(positions, W)  # (T, T) bool
 fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-for ax, (title, mask) in zip(axes, [("causal", reference.attention_mask(positions, None)),
-                                    (f"window W = {W}", window_mask)], strict=True):
+for ax, (title, mask) in zip(
+    axes,
+    [("causal", reference.attention_mask(positions, None)), (f"window W = {W}", window_mask)],
+    strict=True,
+):
     ax.imshow(mask, cmap="Blues")
     ax.set_title(title)
     ax.set_xlabel("key j")
@@ -199,8 +219,9 @@ axes[0].set_ylabel("query i")
 plt.show()
 assert window_mask.sum(axis=1).max() == W
 
-naive_w = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
-                              window_mask, scale)
+naive_w = reference.attention(
+    q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), window_mask, scale
+)
 fast_w = kernel(q, positions, window=W)
 print(f"window {W}: max |kernel - reference| = {np.abs(fast_w - naive_w).max():.2e}")
 assert np.abs(fast_w - naive_w).max() < 1e-5

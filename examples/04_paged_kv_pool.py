@@ -38,14 +38,19 @@ from refinfer.model import Batch
 m = refinfer.load()
 BS = 4  # small blocks, so that the pictures have several
 pool = KVPool(m.config, n_blocks=10, block_size=BS)
-print("k_cache", pool.k_cache.shape, "= (L, n_blocks, BS, KVH, HD);",
-      f"{pool.k_cache.nbytes / 2**20:.1f} MiB for K, as much for V, allocated once")
+print(
+    "k_cache",
+    pool.k_cache.shape,
+    "= (L, n_blocks, BS, KVH, HD);",
+    f"{pool.k_cache.nbytes / 2**20:.1f} MiB for K, as much for V, allocated once",
+)
 
 
 # %% [markdown]
 # Two small tools: `run` appends tokens to sequences in the pool and runs the model on them
 # (one forward call, as the engine does), and `fresh` computes the same tokens in a new pool
 # from scratch, the baseline that every shared or copied block must reproduce bit for bit.
+
 
 # %%
 def run(*chunks):
@@ -65,11 +70,18 @@ snapshots = []  # (what happened, {name: block table}, {name: length}) for the f
 
 
 def snapshot(what, seqs):
-    snapshots.append((what, {n: pool.block_table(s) for n, s in seqs.items()},
-                      {n: pool.length(s) for n, s in seqs.items()}))
+    snapshots.append(
+        (
+            what,
+            {n: pool.block_table(s) for n, s in seqs.items()},
+            {n: pool.length(s) for n, s in seqs.items()},
+        )
+    )
     stats = pool.stats()
-    print(f"{what:34} free {stats.n_free_blocks:2}/{stats.n_blocks}  "
-          f"utilisation {stats.utilisation:.2f}  ref_count {pool.ref_count.tolist()}")
+    print(
+        f"{what:34} free {stats.n_free_blocks:2}/{stats.n_blocks}  "
+        f"utilisation {stats.utilisation:.2f}  ref_count {pool.ref_count.tolist()}"
+    )
 
 
 # %% [markdown]
@@ -100,8 +112,8 @@ print("A:", a_table, " C:", c_table)
 assert shared_last not in a_table and shared_last in c_table  # A wrote into a copy
 n_full = len(a_ids) // BS
 assert a_table[:n_full] == c_table[:n_full]  # full blocks still shared
-assert np.array_equal(logits_a, fresh(a_ids + a_next)[len(a_ids):])  # bitwise
-assert np.array_equal(logits_c, fresh(a_ids + c_next)[len(a_ids):])
+assert np.array_equal(logits_a, fresh(a_ids + a_next)[len(a_ids) :])  # bitwise
+assert np.array_equal(logits_c, fresh(a_ids + c_next)[len(a_ids) :])
 
 # %% [markdown]
 # A speculative step that is rejected rolls back with `truncate`; a finished request is
@@ -121,6 +133,7 @@ snapshot("free B", seqs)
 # colour) the physical block in the pool, and the filled part the tokens it holds. Shared
 # blocks appear in several rows with the same number.
 
+
 # %%
 def draw(ax, what, tables, lengths):
     """Each sequence a row of its logical blocks, coloured and labelled by physical block."""
@@ -129,8 +142,9 @@ def draw(ax, what, tables, lengths):
         for i, block in enumerate(table):
             filled = min(BS, lengths[name] - i * BS) / BS  # the last block may be partial
             ax.add_patch(plt.Rectangle((i, -row), 0.95, -0.8, fc="none", ec="grey"))
-            ax.add_patch(plt.Rectangle((i, -row), 0.95 * filled, -0.8,
-                                       fc=colours[block % 10], alpha=0.7))
+            ax.add_patch(
+                plt.Rectangle((i, -row), 0.95 * filled, -0.8, fc=colours[block % 10], alpha=0.7)
+            )
             ax.text(i + 0.45, -row - 0.4, str(block), ha="center", va="center")
         ax.text(-0.3, -row - 0.4, name, ha="right", va="center", weight="bold")
     ax.set_xlim(-0.8, 5)

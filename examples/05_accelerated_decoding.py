@@ -39,10 +39,13 @@ from refinfer.model import Batch
 from refinfer.sampling import Sampler, SamplingParams
 
 m = refinfer.load()
-PASSAGE = ("The river rises in the high meadows, where snow lies late into the spring. It "
-           "runs north through a narrow valley of pine and birch, past the old mill.")
+PASSAGE = (
+    "The river rises in the high meadows, where snow lies late into the spring. It "
+    "runs north through a narrow valley of pine and birch, past the old mill."
+)
 chat = m.tokenizer.apply_chat_template(
-    [{"role": "user", "content": f"Repeat this passage word for word:\n\n{PASSAGE}"}])
+    [{"role": "user", "content": f"Repeat this passage word for word:\n\n{PASSAGE}"}]
+)
 prompt = m.tokenizer.encode(chat, parse_special=True)
 N_NEW = pick(40, 12)
 plain = m.generate(prompt, max_new_tokens=N_NEW)
@@ -55,6 +58,7 @@ print(f"prompt {len(prompt)} tokens; plain greedy: {plain.text!r}")
 # `decode` is `generate`'s loop opened up: prefill, then `speculative.step` (propose,
 # one forward call, verify, roll back the rejected tokens with `kv_pool.truncate`) with a
 # fixed $k$, recording what each step proposed and accepted.
+
 
 # %%
 def decode(proposer, k, n_new=N_NEW):
@@ -80,8 +84,9 @@ K = 4
 strategies = {
     "prompt lookup": make_proposer(m, "prompt-lookup"),
     "lookahead": make_proposer(m, "lookahead"),
-    "self-speculative": make_proposer(m, "self-speculative",
-                                      draft_layers=[*range(0, 12), *range(20, 30)]),
+    "self-speculative": make_proposer(
+        m, "self-speculative", draft_layers=[*range(0, 12), *range(20, 30)]
+    ),
 }
 runs = {}
 for name, proposer in strategies.items():
@@ -89,8 +94,10 @@ for name, proposer in strategies.items():
     runs[name] = steps
     emitted = sum(len(e) for _, _, e in steps)
     same = tokens[: len(plain.ids)] == plain.ids  # (plain decoding stops at EOS)
-    print(f"{name:17} {emitted} tokens in {len(steps):2} forward calls (plain decoding: "
-          f"{emitted}); the same tokens as plain greedy: {same}")
+    print(
+        f"{name:17} {emitted} tokens in {len(steps):2} forward calls (plain decoding: "
+        f"{emitted}); the same tokens as plain greedy: {same}"
+    )
     assert same  # exactness: every strategy emits plain greedy decoding's tokens
 
 
@@ -98,14 +105,22 @@ for name, proposer in strategies.items():
 # Each column is one forward call: green tokens were proposed and accepted, blue is the
 # model's own token, red cells are the proposed tokens it rejected (rolled back).
 
+
 # %%
 def strip(ax, steps, title):
     for x, (proposed, accepted, emitted) in enumerate(steps):
         for y, token in enumerate(emitted):
             colour = "tab:green" if y < accepted else "tab:blue"
             ax.add_patch(plt.Rectangle((x, -y), 0.9, -0.9, fc=colour, alpha=0.6))
-            ax.text(x + 0.45, -y - 0.45, m.tokenizer.decode([token]).strip()[:5],
-                    ha="center", va="center", fontsize=5, rotation=90)
+            ax.text(
+                x + 0.45,
+                -y - 0.45,
+                m.tokenizer.decode([token]).strip()[:5],
+                ha="center",
+                va="center",
+                fontsize=5,
+                rotation=90,
+            )
         for y in range(accepted + 1, proposed + 1):
             ax.add_patch(plt.Rectangle((x, -y), 0.9, -0.9, fc="tab:red", alpha=0.4))
     ax.set_xlim(0, max(len(s) for s in runs.values()))
@@ -114,8 +129,9 @@ def strip(ax, steps, title):
     ax.set_yticks([])
 
 
-fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.7 * len(runs)), sharex=True,
-                         layout="constrained")
+fig, axes = plt.subplots(
+    len(runs), 1, figsize=(10, 1.7 * len(runs)), sharex=True, layout="constrained"
+)
 for ax, (name, steps) in zip(axes, runs.items(), strict=True):
     strip(ax, steps, f"{name}: {len(steps)} forward calls")
 axes[-1].set_xlabel("step (forward call)")
@@ -131,6 +147,7 @@ plt.show()
 #
 # We measure $a$ as accepted guesses over guesses tested (accepted + first rejections) for
 # the self-speculative draft at several $k$, and compare the tokens per step.
+
 
 # %%
 def tokens_per_step(steps):

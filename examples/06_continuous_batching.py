@@ -39,9 +39,14 @@ from refinfer.decoding.batching import Engine, Request
 
 m = refinfer.load()
 N_NEW = pick(24, 8)
-texts = ["The capital of France is", "Once upon a time, in a small village by the sea,",
-         "def fibonacci(n):", "A list of the planets of the solar system:",
-         "Water boils at", "The three primary colours are"]
+texts = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "A list of the planets of the solar system:",
+    "Water boils at",
+    "The three primary colours are",
+]
 requests = [Request(t, max_tokens=N_NEW, ignore_eos=True, keep_logits=True) for t in texts]
 print([len(m.tokenizer.encode(t)) for t in texts], "prompt tokens")
 
@@ -53,6 +58,7 @@ print([len(m.tokenizer.encode(t)) for t in texts], "prompt tokens")
 # running request contributed and at which position. A chunk is *prefill* (prompt tokens
 # seen for the first time), *decode* (one new token) or *recompute* (tokens the request
 # had computed before it was preempted).
+
 
 # %%
 class Recorder:
@@ -76,8 +82,9 @@ class Recorder:
 
 BS, BUDGET = 4, 8
 recorder = Recorder(m)
-engine = recorder.engine = Engine(recorder, max_seqs=4, max_tokens_per_step=BUDGET,
-                                  kv_blocks=pick(18, 12), block_size=BS)
+engine = recorder.engine = Engine(
+    recorder, max_seqs=4, max_tokens_per_step=BUDGET, kv_blocks=pick(18, 12), block_size=BS
+)
 for r in requests:
     engine.add_request(r)
 done = {}
@@ -85,9 +92,11 @@ while engine.has_unfinished():
     for c in engine.step():
         done[c.id] = c
     engine.pool.check()
-print(f"{engine.stats.steps} steps, {engine.stats.tokens_per_step:.1f} tokens per step, "
-      f"{engine.stats.preemptions} preemption(s), "
-      f"KV utilisation {engine.stats.kv_utilisation:.2f}")
+print(
+    f"{engine.stats.steps} steps, {engine.stats.tokens_per_step:.1f} tokens per step, "
+    f"{engine.stats.preemptions} preemption(s), "
+    f"KV utilisation {engine.stats.kv_utilisation:.2f}"
+)
 assert engine.stats.preemptions >= 1  # the pool is too small to run all four at once
 
 # %%
@@ -108,15 +117,24 @@ for step, rid, n, kind in chunks:
 ax1.set_xlim(0, engine.stats.steps)
 ax1.set_ylim(len(requests) - 0.5, -0.5)
 ax1.set_ylabel("request")
-ax1.legend(handles=[plt.Rectangle((0, 0), 1, 1, fc=c, alpha=0.7) for c in kinds.values()],
-           labels=list(kinds), fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-ax1.set_title(f"slots x steps (numbers: tokens in a chunk); at most 4 running, "
-              f"{BUDGET} tokens a step")
+ax1.legend(
+    handles=[plt.Rectangle((0, 0), 1, 1, fc=c, alpha=0.7) for c in kinds.values()],
+    labels=list(kinds),
+    fontsize=8,
+    loc="upper left",
+    bbox_to_anchor=(1, 1),
+)
+ax1.set_title(
+    f"slots x steps (numbers: tokens in a chunk); at most 4 running, {BUDGET} tokens a step"
+)
 steps = np.arange(engine.stats.steps)
 bottom = np.zeros(len(steps))
 for kind, colour in kinds.items():
-    n = np.bincount([s for s, _, _, k in chunks if k == kind], [n for *_, n, k in chunks
-                    if k == kind], minlength=len(steps))
+    n = np.bincount(
+        [s for s, _, _, k in chunks if k == kind],
+        [n for *_, n, k in chunks if k == kind],
+        minlength=len(steps),
+    )
     ax2.bar(steps + 0.45, n, 0.9, bottom=bottom, color=colour, alpha=0.7)
     bottom += n
 ax2.axhline(BUDGET, color="grey", ls=":")
@@ -164,8 +182,7 @@ for max_seqs in concurrency:
     seconds = time.perf_counter() - start
     throughput.append(sum(len(o.ids) for o in outs) / seconds)
     ttft.append(np.mean([o.time_to_first_token for o in outs]))
-    print(f"max_seqs {max_seqs}: {throughput[-1]:5.1f} generated tok/s, "
-          f"mean TTFT {ttft[-1]:.2f} s")
+    print(f"max_seqs {max_seqs}: {throughput[-1]:5.1f} generated tok/s, mean TTFT {ttft[-1]:.2f} s")
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
 ax1.plot(concurrency, throughput, "o-")

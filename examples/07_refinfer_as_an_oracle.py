@@ -43,10 +43,12 @@ from refinfer.oracle.trace import trace
 
 m = refinfer.load()
 c = m.config
-text = pick("The river rises in the high meadows, where snow lies late into the spring. It "
-            "runs north through a narrow valley of pine and birch, past the old mill and the "
-            "stone bridge, and reaches the sea at a small town of fishermen.",
-            "The river rises in the high meadows, where snow lies late into the spring.")
+text = pick(
+    "The river rises in the high meadows, where snow lies late into the spring. It "
+    "runs north through a narrow valley of pine and birch, past the old mill and the "
+    "stone bridge, and reaches the sea at a small town of fishermen.",
+    "The river rises in the high meadows, where snow lies late into the spring.",
+)
 ids = m.tokenizer.encode(text)
 ours = m.logits(ids)  # (T, V) float32: the oracle side
 print(f"T = {len(ids)} positions, logits {ours.shape}")
@@ -60,22 +62,32 @@ print(f"T = {len(ids)} positions, logits {ours.shape}")
 # converter permuted the rows of $W_q$ and $W_k$ so that RoPE rotates neighbouring
 # dimensions $(2i, 2i + 1)$; HF rotates the halves $(i, i + HD/2)$ of each head.
 
+
 # %%
 def unpermute(w, n_heads):
     """Rows of W_q / W_k back from GGUF's interleaved RoPE pairs to HF's halves."""
-    return (w.reshape(n_heads, c.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_heads, c.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_weights():
     """HF's state dict, name by name, from the GGUF tensors."""
+
     def weight(name):
         return torch.tensor(m.tensors[name].dequantize())  # a copy: the file is read-only
 
-    state = {"model.embed_tokens.weight": weight("token_embd.weight"),
-             "model.norm.weight": weight("output_norm.weight")}
-    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    state = {
+        "model.embed_tokens.weight": weight("token_embd.weight"),
+        "model.norm.weight": weight("output_norm.weight"),
+    }
+    names = {
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for i in range(c.n_layers):
         hf, gg = f"model.layers.{i}.", f"blk.{i}."
         for a, b in names.items():
@@ -87,11 +99,18 @@ def hf_weights():
 
 
 config = transformers.LlamaConfig(
-    vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
-    num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-    num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
-    max_position_embeddings=c.context_length, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": c.rope_base})
+    vocab_size=c.vocab_size,
+    hidden_size=c.dim,
+    intermediate_size=c.ffn_dim,
+    num_hidden_layers=c.n_layers,
+    num_attention_heads=c.n_heads,
+    num_key_value_heads=c.n_kv_heads,
+    head_dim=c.head_dim,
+    rms_norm_eps=c.norm_eps,
+    max_position_embeddings=c.context_length,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": c.rope_base},
+)
 hf = transformers.LlamaForCausalLM(config).eval()
 missing = hf.load_state_dict(hf_weights(), strict=False).missing_keys
 assert missing == ["lm_head.weight"]  # tied to the embedding
@@ -107,8 +126,9 @@ with torch.no_grad():
 if importlib.util.find_spec("llama_cpp"):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(m.path), n_ctx=len(ids), logits_all=True,
-                          n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(m.path), n_ctx=len(ids), logits_all=True, n_threads=1, verbose=False
+    )
     llm.eval(ids)
     theirs["llama.cpp"] = np.array(llm.scores[: len(ids)], np.float32)  # (T, V)
 else:
@@ -120,11 +140,14 @@ else:
 # %%
 reports = {}
 for name, logits in theirs.items():
-    r = compare_rows(Rows.from_logits("refinfer", ids, ours, {}),
-                     Rows.from_logits(name, ids, logits, {}))
+    r = compare_rows(
+        Rows.from_logits("refinfer", ids, ours, {}), Rows.from_logits(name, ids, logits, {})
+    )
     reports[name] = r
-    print(f"{name:16} max |Δ| {r['max_abs']:.2e}  mean KL {r['kld_mean']:.2e}  "
-          f"top-1 {r['top1']:.3f}  first argmax difference at {r['first_argmax_diff']}")
+    print(
+        f"{name:16} max |Δ| {r['max_abs']:.2e}  mean KL {r['kld_mean']:.2e}  "
+        f"top-1 {r['top1']:.3f}  first argmax difference at {r['first_argmax_diff']}"
+    )
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
 for name, r in reports.items():
@@ -156,8 +179,10 @@ h = taps["attn_norm-0"]  # (T, D) float32: RMSNorm(x) entering layer 0's attenti
 Wq = m.tensors["blk.0.attn_q.weight"].dequantize().astype(np.float64)  # (H * HD, D)
 exact = h.astype(np.float64) @ Wq.T  # (T, H * HD)
 h_q8 = quant.dequantize(quant.quantize(h, quant.Q8_0), quant.Q8_0).reshape(h.shape)
-errors = {"float32 product": np.abs(h @ Wq.T.astype(np.float32) - exact).max(),
-          "Q8 activations": np.abs(h_q8.astype(np.float64) @ Wq.T - exact).max()}
+errors = {
+    "float32 product": np.abs(h @ Wq.T.astype(np.float32) - exact).max(),
+    "Q8 activations": np.abs(h_q8.astype(np.float64) @ Wq.T - exact).max(),
+}
 for name, e in errors.items():
     print(f"{name:16} max |Δ| of q = h Wq^T: {e:.2e}")
 fig, ax = plt.subplots(figsize=(5, 2.5))
