@@ -147,8 +147,9 @@ assert bottom.max() <= BUDGET  # chunked prefill keeps every step within the bud
 # Read the top panel left to right: the first prompts are fed in chunks that fill the
 # budget; decodes (one token each) go first in every step and prompts take what is left.
 # When the pool runs out, the most recently admitted request is preempted (its row goes
-# blank), and once blocks are free again it recomputes its prompt and tokens in one chunk,
-# then decodes on.
+# blank), and once blocks are free again it recomputes its prompt and tokens, then decodes
+# on. Its full blocks were offered to the prefix cache, so when they have not been evicted
+# in the meantime the recompute is short.
 #
 # ## Every request, bitwise as if it ran alone
 #

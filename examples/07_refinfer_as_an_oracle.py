@@ -149,11 +149,15 @@ for name, logits in theirs.items():
         f"top-1 {r['top1']:.3f}  first argmax difference at {r['first_argmax_diff']}"
     )
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True, layout="constrained")
 for name, r in reports.items():
     per = r["per_position"]
+    kl = np.maximum(per["kld"], 1e-16)  # (T,)
     ax1.semilogy(per["position"], per["max_abs"], ".-", label=name)
-    ax2.semilogy(per["position"], np.maximum(per["kld"], 1e-16), ".-", label=name)
+    ax2.semilogy(per["position"], kl, ".-", label=name)
+    differ = np.flatnonzero(np.not_equal(per["argmax_a"], per["argmax_b"]))
+    ax2.plot(differ, kl[differ], "kx", ms=8)
+ax2.set_title("x: another greedy token than refinfer's", fontsize=9)
 ax1.set_ylabel("max |Δ logit|")
 ax2.set_ylabel("KL(refinfer || engine)")
 for ax in (ax1, ax2):
