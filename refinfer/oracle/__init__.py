@@ -8,5 +8,6 @@ compared, and the comparisons are the statistics people already use:
     text --perplexity.py--> PPL;  log-probs --kld_file.py--> llama.cpp's KLD base file
     base file + logits --kld_report.py--> llama-perplexity's KL-divergence block
 
-stats.py holds the math all of them share (log-softmax, KLD, NMSE, percentiles).
+stats.py holds the math all of them share (log-softmax, KLD, NMSE, percentiles);
+distributed.py runs the chunks of a corpus on a Ray cluster (perplexity, logits).
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from refinfer.errors import InvalidParameterError, RefinferError
@@ -45,14 +46,30 @@ def _progress(total: int, quiet: bool, unit: str):
     return tqdm(total=total, unit=unit, file=sys.stderr, disable=quiet)
 
 
+@contextmanager
+def _workers(args: argparse.Namespace, model):
+    """With --ray SPEC, a distributed.WorkerPool of the model for the duration; else None."""
+    if not args.ray:
+        yield None
+        return
+    from refinfer.oracle import distributed
+
+    with distributed.cluster(args.ray), distributed.WorkerPool(model.path, args.threads or 1) as w:
+        yield w
+
+
 def cmd_logits(args: argparse.Namespace) -> int:
     """Write the logits of every position of a text or ids to a .npz (files.py)."""
     from refinfer.cli import _load_model, _set_threads
     from refinfer.oracle.files import logits_file
 
+    if args.ray and not args.ctx_size:
+        raise InvalidParameterError("--ray shards a corpus cut into sequences: add -c N_CTX")
     _set_threads(args.threads)
     model = _load_model(args.model)
-    f = logits_file(model, _input_ids(args, model), reference=args.reference)
+    ids = _input_ids(args, model)
+    with _workers(args, model) as workers:
+        f = logits_file(model, ids, args.reference, args.ctx_size, workers)
     f.save(args.output)
     print(
         f"wrote {args.output}: {len(f.ids)} positions x {f.arrays['logits'].shape[1]} logits "
@@ -138,9 +155,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.kl_divergence:
         n_chunk = kld_file.read(args.kl_divergence_base).n_chunk  # bad files fail before loading
         model = _load_model(args.model)
-        with _progress(n_chunk, args.quiet, "chunk") as bar:
+        with _workers(args, model) as workers, _progress(n_chunk, args.quiet, "chunk") as bar:
             report = perplexity.kl_divergence(
-                model, args.kl_divergence_base, args.batch_size, bar.update
+                model, args.kl_divergence_base, args.batch_size, bar.update, workers
             )
         s = report.summary()
         if args.json:
@@ -157,7 +174,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     ids = model.tokenizer.encode(_read_text(args.file))
     n_chunk = perplexity.chunk_tokens(ids, args.ctx_size, args.chunks).shape[0]
-    with _progress(n_chunk, args.quiet, "chunk") as bar:
+    with _workers(args, model) as workers, _progress(n_chunk, args.quiet, "chunk") as bar:
         r = perplexity.perplexity(
             model,
             ids,
@@ -166,6 +183,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             args.batch_size,
             args.kl_divergence_base,
             bar.update,
+            workers,
         )
     if args.json:
         print(json.dumps(r))
@@ -197,6 +215,18 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
 
 
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    """--ray SPEC: shard the chunks over a Ray cluster (refinfer/oracle/distributed.py)."""
+    p.add_argument(
+        "--ray",
+        metavar="local:N|auto|ADDRESS",
+        help="run the chunks on Ray workers, one model each (--threads each, default 1): "
+        "local:N starts N on this machine, auto or ADDRESS joins a cluster whose nodes read "
+        "MODEL at the same path; results are bitwise those of one process. Needs "
+        "pip install 'refinfer[ray]'",
+    )
+
+
 def add_parsers(sub) -> None:
     """The oracle's sub-commands, on the cli's sub-parsers."""
     lg = sub.add_parser(
@@ -208,6 +238,14 @@ def add_parsers(sub) -> None:
         "with NumPy alone: np.load(OUT.npz)['logits']; see refinfer/oracle/files.py.",
     )
     _add_input(lg)
+    lg.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int,
+        metavar="N",
+        help="a corpus: fresh sequences of N tokens one after another (the rest dropped)",
+    )
+    _add_ray(lg)
     lg.set_defaults(run=cmd_logits)
 
     tr = sub.add_parser(
@@ -289,5 +327,6 @@ def add_parsers(sub) -> None:
     ppl.add_argument("--kl-divergence", action="store_true", help="read FILE, print the KLD")
     ppl.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     ppl.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    _add_ray(ppl)
     ppl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ppl.set_defaults(run=cmd_perplexity)

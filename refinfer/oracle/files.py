@@ -9,7 +9,9 @@ read with `np.load(path)`:
                        ('model.forward' or 'reference.py'), threads, kv_block_size
     ids          int32[T]       the token ids; position t holds ids[t]
     logits       float[T, V]    logits files: row t scores the token after position t
-                                (float32 from model.forward, float64 from reference.py)
+                                (float32 from model.forward, float64 from reference.py);
+                                with provenance n_ctx, T is cut into fresh sequences of
+                                n_ctx tokens (a corpus, which distributed.py can shard)
     <tap name>   float[T, ...]  trace files: llama.cpp's tensor names, in graph order
                                 ('attn_norm-0', 'Qcur-0', ..., 'result_norm', 'result_output')
 
@@ -21,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import refinfer
-from refinfer.errors import OracleFileError
+from refinfer.errors import InvalidParameterError, OracleFileError
 from refinfer.kv_pool import BLOCK_SIZE
 
 FORMATS = {"logits": "refinfer-logits/1", "trace": "refinfer-trace/1"}
@@ -79,13 +82,37 @@ def provenance(model, computed_by: str) -> dict:
     }
 
 
-def logits_file(model, ids, reference: bool = False) -> OracleFile:
-    """The logits of `ids` as one fresh sequence: model.forward's float32, or reference.py's
-    float64 with reference=True."""
-    ids = np.asarray(ids, dtype=np.int32)
-    logits = refinfer.reference.logits(model, ids) if reference else model.logits(ids)
+def chunk_logits(model, chunks: np.ndarray, reference: bool = False) -> Iterator[np.ndarray]:
+    """logits[n_ctx, V] of each chunk as one fresh sequence: model.forward's float32, or
+    reference.py's float64 with reference=True."""
+    for chunk in chunks:
+        yield refinfer.reference.logits(model, chunk) if reference else model.logits(chunk)
+
+
+def cut(ids: np.ndarray, n_ctx: int | None) -> np.ndarray:
+    """int32[n_chunk, n_ctx]: consecutive sequences of n_ctx ids (the rest dropped); all the
+    ids as one sequence without n_ctx."""
+    if n_ctx is None:
+        return ids[None, :]  # (1, T)
+    if not 1 <= n_ctx <= len(ids):
+        raise InvalidParameterError(f"-c must be between 1 and the {len(ids)} tokens, not {n_ctx}")
+    return ids[: len(ids) // n_ctx * n_ctx].reshape(-1, n_ctx)
+
+
+def logits_file(
+    model, ids, reference: bool = False, n_ctx: int | None = None, workers=None
+) -> OracleFile:
+    """The logits of `ids` as one fresh sequence; with n_ctx, of consecutive fresh sequences
+    of n_ctx tokens (cut), computed here or by `workers`, a distributed.WorkerPool
+    (bitwise the same rows, in the same order)."""
+    chunks = cut(np.asarray(ids, dtype=np.int32), n_ctx)
+    if workers is None:
+        rows = chunk_logits(model, chunks, reference)
+    else:
+        rows = workers.map(chunk_logits, chunks, reference)
     by = "reference.py" if reference else "model.forward"
-    return OracleFile("logits", ids, {"logits": logits}, provenance(model, by))
+    prov = provenance(model, by) | ({"n_ctx": n_ctx} if n_ctx else {})
+    return OracleFile("logits", chunks.ravel(), {"logits": np.concatenate(list(rows))}, prov)
 
 
 def read(path: str | Path) -> OracleFile:

@@ -17,6 +17,8 @@ As tools/perplexity/perplexity.cpp does:
 
 n_batch tokens go through one forward call (and n_batch / n_ctx chunks share a call
 when n_batch > n_ctx, as llama.cpp's n_seq); refinfer's logits do not depend on it.
+With `workers` (a distributed.WorkerPool) Ray workers run scored_logits instead of
+this process, and the rest is the same code on the same rows.
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def scored_logits(model, chunks: np.ndarray, n_batch: int) -> Iterator[np.ndarra
         yield from (np.concatenate(r) for r in rows)
 
 
+def chunk_rows(model, chunks: np.ndarray, n_batch: int, workers=None) -> Iterator[np.ndarray]:
+    """scored_logits of the chunks, from this process or from `workers`, a
+    distributed.WorkerPool (bitwise the same rows, in the same order)."""
+    if workers is None:
+        return scored_logits(model, chunks, n_batch)
+    return workers.scored_logits(chunks, n_batch)
+
+
 def next_tokens(chunk: np.ndarray) -> np.ndarray:
     """int[S]: the tokens the scored positions predict, chunk[n_ctx/2 + 1 ..]."""
     return chunk[len(chunk) // 2 + 1 :]
@@ -106,9 +116,10 @@ def perplexity(
     n_batch: int = 512,
     base_out: str | None = None,
     progress: Progress | None = None,
+    workers=None,
 ) -> dict:
     """The perplexity of a tokenised text; with base_out, also write llama.cpp's KLD base
-    file of the model's log-probs there."""
+    file of the model's log-probs there; with workers, the chunks run on them (chunk_rows)."""
     chunks = chunk_tokens(tokens, n_ctx, n_chunks)
     V, nlls = model.config.vocab_size, []
     with (
@@ -116,7 +127,8 @@ def perplexity(
         if base_out
         else (nullcontext()) as writer
     ):
-        for chunk, logits in zip(chunks, scored_logits(model, chunks, n_batch), strict=True):
+        rows = chunk_rows(model, chunks, n_batch, workers)
+        for chunk, logits in zip(chunks, rows, strict=True):
             nlls.append(nll(logits, next_tokens(chunk)))
             if writer:
                 writer.write_chunk(logits)
@@ -126,10 +138,10 @@ def perplexity(
 
 
 def kl_divergence(
-    model, base_path: str, n_batch: int = 512, progress: Progress | None = None
+    model, base_path: str, n_batch: int = 512, progress: Progress | None = None, workers=None
 ) -> KLDReport:
-    """The model against a base file: its chunks (the file's tokens and n_ctx) scored and
-    compared row by row with the stored log-probs."""
+    """The model against a base file: its chunks (the file's tokens and n_ctx) scored (on
+    workers if given, see chunk_rows) and compared row by row with the stored log-probs."""
     base = kld_file.read(base_path)
     if base.n_vocab != model.config.vocab_size:
         raise InvalidParameterError(
@@ -137,7 +149,7 @@ def kl_divergence(
         )
     chunks = base.tokens.reshape(base.n_chunk, base.n_ctx)
     report = KLDReport()
-    for c, logits in enumerate(scored_logits(model, chunks, n_batch)):
+    for c, logits in enumerate(chunk_rows(model, chunks, n_batch, workers)):
         report.add_chunk(logits, base.log_probs(c), next_tokens(chunks[c]))
         if progress:
             progress(1)
