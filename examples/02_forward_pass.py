@@ -126,7 +126,9 @@ for radius, i in zip((1.0, 0.8, 0.6, 0.4), (0, 2, 6, 12), strict=True):
     xa, xb = radius * spin[:, 0, a[i]], radius * spin[:, 0, b[i]]  # (P,) each
     ax.plot(xa, xb, lw=0.3, color="grey")
     dots = ax.scatter(xa, xb, c=np.arange(P_MAX), cmap="viridis", s=12, zorder=2)
-    ax.text(radius + 0.02, 0.02, f"pair {i}: {freqs[i]:.3f} rad/token", fontsize=7)
+    label = f"pair {i}: {freqs[i]:.3f} rad/token"
+    ax.text(0, radius, label, ha="center", va="center", fontsize=7, zorder=3,
+            bbox={"fc": "white", "ec": "none", "pad": 1})  # fmt: skip
 fig.colorbar(dots, label="position p")
 ax.set_aspect("equal")
 ax.set_title(
