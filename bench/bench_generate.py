@@ -96,7 +96,9 @@ def run_llama_cpp(model_path: str, ids: list[int], repeats: int, threads: int) -
     """The same with llama.cpp through llama-cpp-python (if installed)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    # n_batch = n_ctx: without logits_all, llama-cpp-python keeps n_batch rows of scores and
+    # indexes them by position, so a decode step past n_batch would fail
+    llm = Llama(model_path, n_ctx=1024, n_threads=threads, n_batch=1024, verbose=False)
 
     def once() -> tuple[float, float]:
         llm.reset()
