@@ -139,17 +139,20 @@ STRATEGIES = {
 
 @pytest.mark.usefixtures("one_thread")
 def test_every_strategy_emits_plain_greedy_tokens(tiny: Model, tmp_path: Path) -> None:
-    c = tiny.config
-    options = {k: v for k, v in VARIANTS.items() if v["arch"] == c.architecture}
-    other = tiny_model(tmp_path / "other.gguf", seed=1, **next(iter(options.values())))
+    # a draft of the same architecture and vocabulary, with other weights
+    variant = next(v for v in VARIANTS.values() if v["arch"] == tiny.config.architecture)
+    other = tiny_model(tmp_path / "other.gguf", seed=1, **variant)
+    strategies = {
+        decoding: {k: other if v == "other" else v for k, v in opts.items()}
+        for decoding, opts in STRATEGIES.items()
+    }
     for prompt in PROMPTS:
         plain = generate(tiny, prompt, 20)
-        for decoding, opts in STRATEGIES.items():
-            opts = {k: other if v == "other" else v for k, v in opts.items()}
+        for decoding, opts in strategies.items():
             fast = generate(tiny, prompt, 20, decoding=decoding, adaptive=False, **opts)
             assert fast.ids == plain.ids, (decoding, prompt)
-        batched = tiny.generate_batch(PROMPTS, max_seqs=3)
-        assert [b.ids for b in batched] == [generate(tiny, p, 32).ids for p in PROMPTS]
+    batched = tiny.generate_batch(PROMPTS, max_seqs=3)
+    assert [b.ids for b in batched] == [generate(tiny, p, 32).ids for p in PROMPTS]
 
 
 # ---- per-layer switches and validation ---------------------------------------------
