@@ -77,3 +77,19 @@ def one_thread():
     numba.set_num_threads(1)
     yield
     numba.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def logits_on_threads():
+    """logits_on_threads(model, ids, n): model.logits(ids) with Numba on n threads (the thread
+    count is restored afterwards), for the tests that results do not depend on it."""
+
+    def run(model, ids, n: int):
+        before = numba.get_num_threads()
+        try:
+            numba.set_num_threads(n)
+            return model.logits(ids)
+        finally:
+            numba.set_num_threads(before)
+
+    return run

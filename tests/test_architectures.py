@@ -114,15 +114,9 @@ def test_alone_equals_batched_with_others(tiny: Model) -> None:
     np.testing.assert_array_equal(batched, np.concatenate([tiny.logits(p) for p in parts]))
 
 
-def test_thread_count_does_not_change_logits(tiny: Model) -> None:
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = tiny.logits(IDS)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = tiny.logits(IDS)
-    finally:
-        numba.set_num_threads(before)
+def test_thread_count_does_not_change_logits(tiny: Model, logits_on_threads) -> None:
+    one = logits_on_threads(tiny, IDS, 1)
+    many = logits_on_threads(tiny, IDS, numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_array_equal(one, many)
 
 

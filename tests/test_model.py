@@ -101,16 +101,10 @@ def test_alone_equals_batched_with_others(tiny: Model) -> None:
     np.testing.assert_array_equal(batched[26:], tiny.logits(c))
 
 
-def test_thread_count_does_not_change_logits(tiny: Model) -> None:
+def test_thread_count_does_not_change_logits(tiny: Model, logits_on_threads) -> None:
     ids = np.arange(30) % 128
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = tiny.logits(ids)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = tiny.logits(ids)
-    finally:
-        numba.set_num_threads(before)
+    one = logits_on_threads(tiny, ids, 1)
+    many = logits_on_threads(tiny, ids, numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_array_equal(one, many)
 
 
