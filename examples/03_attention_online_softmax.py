@@ -23,9 +23,9 @@
 #
 # `reference.attention` computes it as written: a full score matrix, softmax, then a
 # product. The engine's kernel (`kernels/attention.py`) never forms the score row: it walks
-# the keys one KV-pool block (a *tile* of BS keys) at a time and keeps three running
-# quantities per query head (FlashAttention's online softmax). This notebook does that by
-# hand, checks it against the reference, then calls the kernel itself.
+# the keys a chunk (a *tile* of C = 64 keys, a few KV-pool blocks) at a time and keeps three
+# running quantities per query head (FlashAttention's online softmax). This notebook does
+# that by hand, checks it against the reference, then calls the kernel itself.
 
 # %%
 import dataclasses
@@ -36,7 +36,7 @@ from walkthrough import pick
 
 import refinfer
 from refinfer import reference
-from refinfer.kernels.attention import attention_working_memory, paged_attention
+from refinfer.kernels.attention import attention_working_memory, chunk_keys, paged_attention
 from refinfer.kv_pool import KVPool
 
 # %% [markdown]
@@ -47,7 +47,7 @@ from refinfer.kv_pool import KVPool
 # %%
 config = refinfer.load().config
 H, KVH, HD, BS = config.n_heads, config.n_kv_heads, config.head_dim, 16
-G = H // KVH
+G, C = H // KVH, chunk_keys(BS)  # C: keys per tile (chunk) of the kernel
 T = pick(200, 70)  # tokens of one sequence
 rng = np.random.default_rng(0)
 q = rng.standard_normal((T, H, HD)).astype(np.float32)  # (T, H, HD), after RoPE
@@ -104,21 +104,21 @@ def online_softmax_attention(q_t, k_g, v_g, tile):
 t, h = T - 1, 4  # the last query, query head 4 (reads kv head 4 // G = 1)
 g = h // G
 qk = [a.astype(np.float64) for a in (q[t, h], k[: t + 1, g], v[: t + 1, g])]
-out, history = online_softmax_attention(*qk, tile=BS)
+out, history = online_softmax_attention(*qk, tile=C)
 print(f"query {t}, head {h} (kv head {g}): {len(history)} tiles, out {out.shape}")
 assert np.allclose(out, naive[t, h], rtol=0, atol=1e-12)
 
 # %%
 scores = k[: t + 1, g].astype(np.float64) @ q[t, h] * scale  # (t + 1,), for the figure
-ends = np.minimum(np.arange(1, len(history) + 1) * BS, t + 1) - 1  # last key of each tile
+ends = np.minimum(np.arange(1, len(history) + 1) * C, t + 1) - 1  # last key of each tile
 fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True)
 ax1.plot(scores, ".", ms=3, color="grey", label="$s_j$")
 ax1.step(ends, history[:, 0], where="post", color="tab:red", label="running max $m$")
-for x in range(0, t + 1, BS):
+for x in range(0, t + 1, C):
     ax1.axvline(x - 0.5, color="lightgrey", lw=0.5)
 ax1.legend(fontsize=8)
 ax2.semilogy(ends, history[:, 1], "o-", label=r"running sum $\ell$ (relative to $e^{m}$)")
-ax2.set_xlabel("key position j (grey lines: tiles = pool blocks)")
+ax2.set_xlabel("key position j (grey lines: tiles = chunks of C keys)")
 ax2.legend(fontsize=8)
 ax1.set_title("one query, tile by tile: the max only grows; each rise rescales $\\ell$")
 plt.show()
@@ -128,7 +128,9 @@ assert np.all(np.diff(history[:, 0]) >= 0)
 # ## The kernel, on a paged pool
 #
 # The kernel reads K and V where the forward pass left them: in a KV pool of fixed blocks,
-# through the sequence's block table. To show that the blocks need not be contiguous, two
+# through the sequence's block table. It computes each chunk's own $(m_c, \ell_c,
+# \mathrm{acc}_c)$ from $m = -\infty$ and folds them in order with the same rescaling as
+# above, so that decode can compute one sequence's chunks in parallel. To show that the blocks need not be contiguous, two
 # sequences grow in turns, one block at a time, and the other one is freed: our sequence
 # holds every second block.
 
@@ -143,9 +145,9 @@ for start in range(0, T, BS):
 pool.free(other)
 slots = np.concatenate(slots)  # (T,) flat slot = block * BS + offset
 print("block table:", pool.block_table(seq))
-print("k_cache", pool.k_cache.shape, "= (L, n_blocks, BS, KVH, HD)")
-pool.k_cache[0].reshape(-1, KVH, HD)[slots] = k  # as model.forward writes them
-pool.v_cache[0].reshape(-1, KVH, HD)[slots] = v
+print("k_cache", pool.k_cache.shape, "= (L, n_blocks, KVH, HD, BS): each block's keys transposed")
+print("v_cache", pool.v_cache.shape, "= (L, n_blocks, KVH, BS, HD)")
+pool.write(0, slots, k, v)  # as model.forward writes them
 
 
 # %%
@@ -176,8 +178,8 @@ assert np.array_equal(alone[0], fast[t])  # bitwise: the order does not depend o
 # ## Working memory
 #
 # The reference forms scores $[H, T, n]$ for $T$ queries over $n$ keys; the tiled kernel
-# holds, per query head, $m$, $\ell$, $\mathrm{acc}[HD]$ and $\mathrm{scores}[BS]$. The
-# ratio grows as $n / (HD + BS + 2)$: quadratic against linear in the context.
+# holds, per query head, $m$, $\ell$, $\mathrm{acc}[HD]$ and $\mathrm{scores}[C]$. The
+# ratio grows as $n / (HD + C + 2)$: quadratic against linear in the context.
 
 # %%
 n = 2 ** np.arange(4, 15)
@@ -190,7 +192,7 @@ ax.set_ylabel("bytes (float32)")
 ax.legend(fontsize=8)
 plt.show()
 for x, mem in zip(n, memory, strict=True):
-    assert np.isclose(mem["ratio"], x / (HD + BS + 2))
+    assert np.isclose(mem["ratio"], x / (HD + C + 2))
 print(
     f"at n = {n[-1]}: naive {memory[-1]['naive'] / 2**20:.0f} MiB, "
     f"tiled {memory[-1]['tiled'] / 2**20:.1f} MiB"
@@ -235,7 +237,7 @@ assert np.array_equal(fast_w[:W], fast[:W])  # the first W queries see all their
 # changing K/V head 1 changes the output of query heads 3, 4, 5 and of no other.
 
 # %%
-pool.k_cache[0, :, :, 1] = rng.standard_normal((pool.n_blocks, BS, HD))  # new keys, kv head 1
+pool.k_cache[0, :, 1] = rng.standard_normal((pool.n_blocks, HD, BS))  # new keys, kv head 1
 moved = np.abs(kernel(q, positions) - fast).max(axis=(0, 2))  # (H,) change per query head
 print("max change per query head:", np.round(moved, 3))
 assert np.array_equal(np.nonzero(moved)[0], np.arange(G, 2 * G))

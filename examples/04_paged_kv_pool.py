@@ -41,7 +41,7 @@ pool = KVPool(m.config, n_blocks=10, block_size=BS)
 print(
     "k_cache",
     pool.k_cache.shape,
-    "= (L, n_blocks, BS, KVH, HD);",
+    "= (L, n_blocks, KVH, HD, BS);",
     f"{pool.k_cache.nbytes / 2**20:.1f} MiB for K, as much for V, allocated once",
 )
 

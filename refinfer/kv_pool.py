@@ -10,7 +10,11 @@ copying, `free` ends one; the batching engine adds prefix caching (`cache_blocks
 The design is vLLM's block manager, small:
 - All storage is allocated once, at start-up: `n_blocks` blocks of `BS` token slots, for
   every layer, in one contiguous array for K and one for V. A flat slot is
-  `block * BS + offset`; `k_cache[l].reshape(-1, KVH, HD)[slot]` is one token's keys.
+  `block * BS + offset`; `write` stores tokens' K and V at their slots, `read` reads
+  them back. Within a block, K is stored transposed, as the attention kernel reads it
+  (its keys are the vector lanes of the scores): k_cache[l, block] is [KVH, HD, BS] and
+  v_cache[l, block] is [KVH, BS, HD], so token `offset`'s keys are
+  k_cache[l, block, :, :, offset] and its values v_cache[l, block, :, offset].
 - A sequence is a block table (the blocks holding its tokens, in order) and a length.
 - Blocks are shared between sequences by reference count (`fork`); a shared block is never
   written: before `append` writes into a shared, partially filled last block, the sequence
@@ -122,9 +126,9 @@ class KVPool:
         self.config = config
         self.n_blocks = n_blocks
         self.block_size = block_size
-        shape = (L, n_blocks, block_size, KVH, HD)  # (L, n_blocks, BS, KVH, HD)
-        self.k_cache = np.zeros(shape, np.float32)  # k_cache[l]: what attention reads for layer l
-        self.v_cache = np.zeros(shape, np.float32)
+        # k_cache[l], v_cache[l]: what attention reads for layer l (see the module docstring)
+        self.k_cache = np.zeros((L, n_blocks, KVH, HD, block_size), np.float32)  # K transposed
+        self.v_cache = np.zeros((L, n_blocks, KVH, block_size, HD), np.float32)
         self.ref_count = np.zeros(n_blocks, np.int32)  # (n_blocks,) tables holding each block
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n_blocks))  # FIFO
         self._seqs: dict[int, _Sequence] = {}
@@ -168,6 +172,19 @@ class KVPool:
             row[: len(blocks)] = blocks
         return out
 
+    # -- keys and values -----------------------------------------------------------------------
+
+    def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Store k, v float32[n, KVH, HD] of n tokens at their flat slots int64[n] of `layer`."""
+        block, offset = np.divmod(slots, self.block_size)  # (n,), (n,)
+        self.k_cache[layer][block, :, :, offset] = k  # (n, KVH, HD) <- K[block, :, :, offset]
+        self.v_cache[layer][block, :, offset] = v  # (n, KVH, HD) <- V[block, :, offset]
+
+    def read(self, layer: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, v), each float32[n, KVH, HD]: copies of what `write` stored at the slots."""
+        block, offset = np.divmod(slots, self.block_size)
+        return self.k_cache[layer][block, :, :, offset], self.v_cache[layer][block, :, offset]
+
     # -- growing and shrinking -----------------------------------------------------------------
 
     def blocks_needed(self, seq: int, n: int) -> int:
@@ -179,7 +196,7 @@ class KVPool:
     def append(self, seq: int, n: int) -> np.ndarray:
         """Make room for n more tokens of seq; return int64[n], their flat slots, in order.
 
-        The caller writes token i's keys at `k_cache[l].reshape(-1, KVH, HD)[slots[i]]`.
+        The caller writes the tokens' keys and values there with `write`.
         All or nothing: if the free queue is too short, raise KVPoolFullError and change nothing.
         O(n + blocks taken).
         """
@@ -314,8 +331,8 @@ class KVPool:
         """Copy-on-write: give s a private copy of its last block (every layer, K and V)."""
         old, new = s.blocks[-1], self._allocate()
         used = s.length - (len(s.blocks) - 1) * self.block_size  # tokens in the last block
-        self.k_cache[:, new, :used] = self.k_cache[:, old, :used]  # (L, used, KVH, HD)
-        self.v_cache[:, new, :used] = self.v_cache[:, old, :used]
+        self.k_cache[:, new, ..., :used] = self.k_cache[:, old, ..., :used]  # (L, KVH, HD, used)
+        self.v_cache[:, new, :, :used] = self.v_cache[:, old, :, :used]  # (L, KVH, used, HD)
         self._release([old])
         s.blocks[-1] = new
 

@@ -249,8 +249,7 @@ class Model:
         if tap:
             for name, y in (("attn_norm", ws.h), ("Qcur", ws.q), ("Kcur", ws.k), ("Vcur", ws.v)):
                 tap(f"{name}-{i}", y)
-        pool.k_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.k  # into the pool
-        pool.v_cache[i].reshape(-1, c.n_kv_heads, c.head_dim)[batch.slots] = ws.v
+        pool.write(i, batch.slots, ws.k, ws.v)  # into the pool
         paged_attention(
             ws.q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
             batch.positions, w.window, c.attention_scale, ws.attn,

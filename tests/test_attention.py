@@ -26,7 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refinfer import reference
-from refinfer.kernels.attention import attention_working_memory, paged_attention
+from refinfer.kernels.attention import (
+    SPLIT_BELOW,
+    attention_working_memory,
+    chunk_keys,
+    paged_attention,
+)
 
 U32 = 2.0**-24  # unit roundoff of float32
 
@@ -41,12 +46,16 @@ class Case:
     k: list[np.ndarray]  # per sequence: float32[n, KVH, HD], keys at positions 0..n-1
     v: list[np.ndarray]  # per sequence: float32[n, KVH, HD]
     q_full: list[np.ndarray]  # per sequence: float32[n, H, HD], a query at every position
-    k_cache: np.ndarray  # float32[n_blocks, BS, KVH, HD]; unused slots are NaN
-    v_cache: np.ndarray
+    k_cache: np.ndarray  # float32[n_blocks, KVH, HD, BS]; unused slots are NaN
+    v_cache: np.ndarray  # float32[n_blocks, KVH, BS, HD]
     block_tables: np.ndarray  # int32[S, max_blocks], padded with -1
     seq_index: np.ndarray  # int32[T]
     positions: np.ndarray  # int32[T]
     window: int
+
+    @property
+    def block_size(self) -> int:
+        return self.k_cache.shape[3]
 
     @property
     def q(self) -> np.ndarray:
@@ -61,23 +70,24 @@ def scatter(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Write each sequence's K/V into randomly chosen physical blocks of a NaN-filled pool.
 
-    Returns k_cache, v_cache float32[n_blocks, BS, KVH, HD] and block_tables int32[S, max_blocks].
-    The pool has spare blocks, so physical ids are neither contiguous nor dense.
+    Returns k_cache float32[n_blocks, KVH, HD, BS], v_cache float32[n_blocks, KVH, BS, HD]
+    (the layout of kv_pool.py) and block_tables int32[S, max_blocks]. The pool has spare
+    blocks, so physical ids are neither contiguous nor dense.
     """
     _, kvh, hd = k[0].shape
     needed = [-(-len(ks) // block_size) for ks in k]  # blocks per sequence
     n_blocks = sum(needed) + 3
     physical = rng.permutation(n_blocks)  # block ids in a random order
-    k_cache = np.full((n_blocks, block_size, kvh, hd), np.nan, dtype=np.float32)
-    v_cache = np.full_like(k_cache, np.nan)
+    k_cache = np.full((n_blocks, kvh, hd, block_size), np.nan, dtype=np.float32)
+    v_cache = np.full((n_blocks, kvh, block_size, hd), np.nan, dtype=np.float32)
     tables = np.full((len(k), max(needed) + 2), -1, dtype=np.int32)
     start = 0
     for s, (ks, vs) in enumerate(zip(k, v, strict=True)):
         tables[s, : needed[s]] = physical[start : start + needed[s]]
         start += needed[s]
         for j in range(len(ks)):
-            k_cache[tables[s, j // block_size], j % block_size] = ks[j]
-            v_cache[tables[s, j // block_size], j % block_size] = vs[j]
+            k_cache[tables[s, j // block_size], :, :, j % block_size] = ks[j]
+            v_cache[tables[s, j // block_size], :, j % block_size] = vs[j]
     return k_cache, v_cache, tables
 
 
@@ -119,7 +129,9 @@ def cases(draw: st.DrawFn) -> Case:
     return Case(k, v, q_full, k_cache, v_cache, tables, seq_index, positions, window)
 
 
-def run(case: Case, q: np.ndarray | None = None, **replace: np.ndarray) -> np.ndarray:
+def run(
+    case: Case, q: np.ndarray | None = None, split_below: int = SPLIT_BELOW, **replace: np.ndarray
+) -> np.ndarray:
     """paged_attention on the case (fields overridable by keyword) -> float32[T, H, HD]."""
     q = case.q if q is None else q
     args = dict(
@@ -130,7 +142,7 @@ def run(case: Case, q: np.ndarray | None = None, **replace: np.ndarray) -> np.nd
     out = np.full(q.shape, np.nan, dtype=np.float32)
     paged_attention(
         q, args["k_cache"], args["v_cache"], args["block_tables"], args["seq_index"],
-        args["positions"], case.window, 1 / np.sqrt(q.shape[-1]), out,
+        args["positions"], case.window, 1 / np.sqrt(q.shape[-1]), out, split_below,
     )  # fmt: skip
     return out
 
@@ -171,7 +183,7 @@ def _bound(case: Case) -> np.ndarray:
     errors are 10-100x below this; a wrong key, scale or window shifts out by ~1 / n.
     """
     hd = case.q_full[0].shape[-1]
-    bs = case.k_cache.shape[1]
+    bs = case.block_size
     q = case.q.astype(np.float64)
     bounds = np.empty(q.shape[:2])  # (T, H)
     for t, (s, p) in enumerate(zip(case.seq_index, case.positions, strict=True)):
@@ -271,7 +283,7 @@ def test_alone_equals_batched_and_placement_does_not_matter(case: Case, seed: in
         alone = run(case, q[t : t + 1], seq_index=case.seq_index[t : t + 1],
                     positions=case.positions[t : t + 1])  # fmt: skip
         assert_bitwise(alone[0], batched[t])
-    moved = scatter(case.k, case.v, case.k_cache.shape[1], np.random.default_rng(seed))
+    moved = scatter(case.k, case.v, case.block_size, np.random.default_rng(seed))
     elsewhere = run(case, k_cache=moved[0], v_cache=moved[1], block_tables=moved[2])
     assert_bitwise(elsewhere, batched)
 
@@ -281,13 +293,13 @@ def test_alone_equals_batched_and_placement_does_not_matter(case: Case, seed: in
 def test_decode_equals_prefill(case: Case) -> None:
     """Token by token with only keys 0..p in the pool == the whole chunk with later keys present."""
     prefill = run(case)
-    bs = case.k_cache.shape[1]
+    bs = case.block_size
     for t, (s, p) in enumerate(zip(case.seq_index, case.positions, strict=True)):
         k_cache, v_cache = case.k_cache.copy(), case.v_cache.copy()
         table = case.block_tables[s]
         for j in range(p + 1, len(case.k[s])):  # keys not written yet in decode
-            k_cache[table[j // bs], j % bs] = np.nan
-            v_cache[table[j // bs], j % bs] = np.nan
+            k_cache[table[j // bs], :, :, j % bs] = np.nan
+            v_cache[table[j // bs], :, j % bs] = np.nan
         one = slice(t, t + 1)
         decode = run(case, case.q[one], k_cache=k_cache, v_cache=v_cache,
                      seq_index=case.seq_index[one], positions=case.positions[one])  # fmt: skip
@@ -317,12 +329,58 @@ def test_thread_count_does_not_change_bits() -> None:
         assert_bitwise(run(case), one)
 
 
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_both_work_splits_give_the_same_bits(case: Case) -> None:
+    """Chunks as separate items, folded afterwards (decode) == folded as made (prefill)."""
+    assert_bitwise(run(case, split_below=len(case.positions) + 1), run(case, split_below=0))
+
+
+@pytest.mark.parametrize("bs", [1, 16, 48])
+def test_long_contexts_fold_many_chunks_in_either_split(bs: int) -> None:
+    """Many chunks per query (windows cutting chunks anywhere): both splits, 1 or all threads."""
+    rng = np.random.default_rng(bs)
+    kvh, group, hd = 3, 3, 64
+    lengths = [700, 129, 64]
+    k = [rng.standard_normal((n, kvh, hd), dtype=np.float32) for n in lengths]
+    v = [rng.standard_normal((n, kvh, hd), dtype=np.float32) for n in lengths]
+    q_full = [rng.standard_normal((n, kvh * group, hd), dtype=np.float32) * 2 for n in lengths]
+    k_cache, v_cache, tables = scatter(k, v, bs, rng)
+    tokens = [(0, 699), (0, 640), (0, 5), (1, 128), (1, 127), (2, 63)]
+    seq_index = np.array([s for s, _ in tokens], dtype=np.int32)
+    positions = np.array([p for _, p in tokens], dtype=np.int32)
+    before = numba.get_num_threads()
+    for window in (0, 1, 65, 300):
+        case = Case(k, v, q_full, k_cache, v_cache, tables, seq_index, positions, window)
+        whole = run(case, split_below=0)
+        assert_close(whole, naive(case), _bound(case))
+        try:
+            numba.set_num_threads(1)
+            one = run(case, split_below=len(tokens) + 1)
+        finally:
+            numba.set_num_threads(before)
+        assert_bitwise(run(case, split_below=len(tokens) + 1), whole)
+        assert_bitwise(one, whole)
+    assert 700 // chunk_keys(bs) >= 7  # the longest query folds many chunks
+
+
+@settings(max_examples=20, deadline=None)
+@given(cases(), st.integers(0, 2**32 - 1))
+def test_block_sizes_dividing_the_chunk_give_the_same_bits(case: Case, seed: int) -> None:
+    """The reduction goes by chunks of C = 64 keys, not by pool blocks: BS = 1, 4, 16 agree."""
+    out = run(case)
+    for bs in (1, 4, 16):
+        k_cache, v_cache, tables = scatter(case.k, case.v, bs, np.random.default_rng(seed))
+        assert chunk_keys(bs) == chunk_keys(case.block_size)
+        assert_bitwise(run(case, k_cache=k_cache, v_cache=v_cache, block_tables=tables), out)
+
+
 # ---- working memory ----------------------------------------------------------------
 
 
 def test_working_memory_estimate() -> None:
     wm = attention_working_memory(n_queries=512, n_keys=512, n_heads=9, head_dim=64, block_size=16)
-    assert wm["tiled_per_item"] == 4 * (2 + 64 + 16)  # m, l, acc[HD], scores[BS]
+    assert wm["tiled_per_item"] == 4 * (2 + 64 + 64)  # m, l, acc[HD], scores[C], C = 64 keys
     assert wm["tiled"] == 512 * 9 * wm["tiled_per_item"]
     assert wm["naive"] == 4 * 9 * 512 * 512  # scores[H, T, n_keys]
     assert wm["ratio"] == wm["naive"] / wm["tiled"]

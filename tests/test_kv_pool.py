@@ -44,14 +44,17 @@ def keys_of(values: list[int]) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(1, -1, 1, 1) * 100 + ramp
 
 
+def stored(pool: KVPool, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """K and V at the flat slots, every layer: float32[L, len(slots), KVH, HD] each."""
+    k, v = zip(*(pool.read(layer, slots) for layer in range(L)), strict=True)
+    return np.stack(k), np.stack(v)
+
+
 def read_back(pool: KVPool, seq: int) -> tuple[np.ndarray, np.ndarray]:
     """K and V of seq read through its block table: float32[L, length, KVH, HD] each."""
     table, bs = np.array(pool.block_table(seq), np.int64), pool.block_size
     p = np.arange(pool.length(seq))
-    slots = table[p // bs] * bs + p % bs
-    k = pool.k_cache.reshape(L, -1, KVH, HD)[:, slots]
-    v = pool.v_cache.reshape(L, -1, KVH, HD)[:, slots]
-    return k, v
+    return stored(pool, table[p // bs] * bs + p % bs)
 
 
 def snapshot(pool: KVPool) -> tuple:
@@ -106,8 +109,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.next_value += n
         k = keys_of(values)  # (L, n, KVH, HD)
         for layer in range(L):
-            self.pool.k_cache[layer].reshape(-1, KVH, HD)[slots] = k[layer]
-            self.pool.v_cache[layer].reshape(-1, KVH, HD)[slots] = -k[layer]
+            self.pool.write(layer, slots, k[layer], -k[layer])
         self.model[seq] += values
 
     @precondition(lambda self: self.model)
@@ -179,8 +181,9 @@ class PoolMachine(RuleBasedStateMachine):
     def cached_blocks_are_never_overwritten(self) -> None:
         for h, b in self.pool._cached.items():
             k = keys_of(self.block_values[h])  # (L, BS, KVH, HD)
-            np.testing.assert_array_equal(self.pool.k_cache[:, b], k)
-            np.testing.assert_array_equal(self.pool.v_cache[:, b], -k)
+            in_pool = stored(self.pool, b * self.pool.block_size + np.arange(self.pool.block_size))
+            np.testing.assert_array_equal(in_pool[0], k)
+            np.testing.assert_array_equal(in_pool[1], -k)
 
     @invariant()
     def utilisation_is_consistent(self) -> None:
@@ -230,7 +233,8 @@ def test_a_cached_block_cut_short_is_copied_before_it_is_written() -> None:
 
 def test_fresh_pool_hands_out_lowest_ids_then_fifo() -> None:
     pool = KVPool(tiny_config(), n_blocks=6, block_size=4)
-    assert pool.k_cache.shape == (L, 6, 4, KVH, HD) and pool.k_cache.dtype == np.float32
+    assert pool.k_cache.shape == (L, 6, KVH, HD, 4) and pool.k_cache.dtype == np.float32
+    assert pool.v_cache.shape == (L, 6, KVH, 4, HD) and pool.v_cache.dtype == np.float32
     a, b = pool.new_sequence(), pool.new_sequence()
     np.testing.assert_array_equal(pool.append(a, 6), [0, 1, 2, 3, 4, 5])  # blocks 0, 1
     np.testing.assert_array_equal(pool.append(b, 1), [8])  # block 2

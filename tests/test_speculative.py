@@ -360,7 +360,9 @@ def read_back(pool: KVPool, seq: int) -> tuple[np.ndarray, np.ndarray]:
     """K and V of seq read through its block table: float32[L, length, KVH, HD] each."""
     table, bs = np.array(pool.block_table(seq), np.int64), pool.block_size
     p = np.arange(pool.length(seq))
-    return pool.k_cache[:, table[p // bs], p % bs], pool.v_cache[:, table[p // bs], p % bs]
+    slots = table[p // bs] * bs + p % bs
+    k, v = zip(*(pool.read(layer, slots) for layer in range(len(pool.k_cache))), strict=True)
+    return np.stack(k), np.stack(v)
 
 
 def assert_holds_prefill(model: Model, pool: KVPool, seq: int, tokens: list[int]) -> None:
