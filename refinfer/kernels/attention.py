@@ -59,7 +59,8 @@ arithmetic whether the partials are stored and folded afterwards, or folded as
 they are made:
 - few tokens (T < SPLIT_BELOW, decode): a work item is (token, chunk, kv head);
   items run in parallel and store their partials; then each (token, kv head)
-  folds its partials in increasing c. Decode of one sequence at 512 keys has
+  folds its partials in increasing c (in one thread: cheaper than a second
+  parallel region at these sizes). Decode of one sequence at 512 keys has
   24 items instead of 3 (flash-decoding's split-K);
 - many tokens (prefill): a work item is (token, kv head), which computes its
   chunks one after the other and folds each at once; items are dealt
@@ -133,7 +134,8 @@ def _axpy_run(typingctx, y, yi, y_stride, a, ai, a_stride, x, xi, x_stride, n, r
     vecs ymm registers of y stay in registers for the whole run (loaded before it, stored
     after it) instead of going through memory every step, and each x vector is loaded
     once for all the rows. (Numba's loop vectoriser steps 32 lanes at a time and keeps y
-    in memory; see the module docstring.)
+    in memory; see the module docstring.) No bounds checks: callers keep every lane
+    inside its array (whole runs of 8 lanes only, within one block row of K or V).
     """
     literal = (types.IntegerLiteral,)
     if not (_c_float32(y) and _c_float32(a) and _c_float32(x)) or not (
@@ -185,9 +187,6 @@ def _axpy_run(typingctx, y, yi, y_stride, a, ai, a_stride, x, xi, x_stride, n, r
     return sig, codegen
 
 
-# ---- one chunk: its partial (m_c, l_c, acc_c) ------------------------------------
-
-
 @njit(inline="always")
 def _rows_run(y, yi, y_stride, a, ai, a_stride, x, xi, x_stride, n, rows, vecs):
     """_axpy_run for rows = 1, 2 or 3 (a run-time count, dispatched to constants)."""
@@ -197,6 +196,9 @@ def _rows_run(y, yi, y_stride, a, ai, a_stride, x, xi, x_stride, n, rows, vecs):
         _axpy_run(y, yi, y_stride, a, ai, a_stride, x, xi, x_stride, n, 2, vecs)
     else:
         _axpy_run(y, yi, y_stride, a, ai, a_stride, x, xi, x_stride, n, 1, vecs)
+
+
+# ---- one chunk: its partial (m_c, l_c, acc_c) ------------------------------------
 
 
 @njit(inline="always")
@@ -364,7 +366,7 @@ def _attend_split(q, k_cache, v_cache, block_tables, seq_index, positions, windo
     m = np.empty((T, KVH, G), dtype=np.float32)  # the folded (m, l, acc)
     lsum = np.empty((T, KVH, G), dtype=np.float32)
     acc = np.empty((T, KVH, G, HD), dtype=np.float32)
-    for item in prange(T * KVH):
+    for item in range(T * KVH):  # serial: a few microseconds, less than a parallel region's start
         t, g = item // KVH, item % KVH
         _start(m[t, g], lsum[t, g], acc[t, g])
         for k in range(first[t], first[t + 1]):  # in increasing c
