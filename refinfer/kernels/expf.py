@@ -6,10 +6,10 @@ is free to change its last bit between versions and CPUs. `expf` below is made
 only of IEEE float32 multiplies and adds (no fastmath, so never fused into an
 FMA), a floor, a float -> int conversion of an integral value and an int ->
 float bit cast: operations with one correctly rounded result each, so every
-x86-64 or ARM CPU gives the same bits, and all of them vectorise (on AVX2,
-8 lanes a ymm register; `inspect_asm` of `_exp_loop` shows vfloor as
-vroundps ymm, the polynomial as vmulps/vaddps ymm, 2^n as vcvttps2dq,
-vpaddd, vpslld ymm).
+x86-64 or ARM CPU gives the same bits, and all of them vectorise: on AVX2,
+`inspect_asm` of a loop calling it (`_exp_loop`'s body, uncached) shows 8 lanes
+a ymm register, the floor as vroundps, the polynomial as vmulps/vaddps, 2^n as
+vcvttps2dq, vpaddd, vpslld; no call. (glu and the attention kernel call it.)
 
 The method is Cephes' expf (S. Moshier), step by step:
 
