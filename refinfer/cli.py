@@ -115,15 +115,25 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+THREADS_HELP = (
+    "kernel threads (default: all cores, fewer while other processes keep cores busy; "
+    "the results are the same whatever the count)"
+)
+
+
 def _set_threads(n: int) -> None:
-    """Use n kernel threads (0: Numba's default, all cores)."""
+    """Use n kernel threads; 0: as many as the other processes leave cores free (threads.py)."""
     import numba
+
+    from refinfer.kernels.threads import govern
 
     most = numba.config.NUMBA_NUM_THREADS
     if n and not 1 <= n <= most:
         raise RefinferError(f"--threads must be between 1 and {most} (NUMBA_NUM_THREADS), not {n}")
     if n:
         numba.set_num_threads(n)
+    else:
+        govern(most)
 
 
 def _load_model(path: str | None):
@@ -422,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", type=int, default=64, help="new tokens at most (default 64)")
     _add_sampling_arguments(gen, temperature=0.0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    gen.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     acc = gen.add_argument_group(
         "accelerated decoding",
         "Every strategy emits exactly the tokens of plain decoding when greedy, and samples "
@@ -460,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--tokens", type=int, default=512, help="text tokens used (default 512)")
     cal.add_argument("--draft-k", type=int, default=5, help="tokens drafted per step (default 5)")
     cal.add_argument("--output", metavar="FILE.json", help="default: beside the model")
-    cal.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    cal.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     cal.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     cal.set_defaults(run=cmd_calibrate)
 
@@ -493,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                      help="malformed lines: run the others and report them as errors (skip, "
                      "default), or stop before running anything (fail)")  # fmt: skip
-    bat.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    bat.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bat.set_defaults(run=cmd_batch)
 
@@ -519,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting beyond those; one more gets 503 (64)")  # fmt: skip
     srv.add_argument("--kv-blocks", type=int, default=512,
                      help="KV pool size in blocks of 16 tokens (512)")  # fmt: skip
-    srv.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    srv.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     srv.set_defaults(run=cmd_serve)
 
     chat = sub.add_parser(
@@ -536,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-n", type=int, default=None,
                       help="tokens per reply at most (default: to the context's end)")  # fmt: skip
     _add_sampling_arguments(chat, temperature=0.7)
-    chat.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    chat.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     chat.set_defaults(run=cmd_chat)
     oracle_commands.add_parsers(sub)
     return parser

@@ -34,9 +34,10 @@ from refinfer import reference
 from refinfer.config import ModelConfig
 from refinfer.errors import RefinferError
 from refinfer.gguf import GGUFFile, read_gguf
-from refinfer.kernels import matmul
+from refinfer.kernels import Linear
 from refinfer.kernels.attention import paged_attention
 from refinfer.kernels.layer_ops import glu, rms_norm, rope
+from refinfer.kernels.threads import fit_threads
 from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.quant import QTensor, dequantize
 from refinfer.tokenizer import Tokenizer
@@ -116,6 +117,10 @@ class LayerWeights:
     post_ffw_norm: np.ndarray | None  # (D,)  post_norms
     window: int  # the layer's sliding window; 0: none
     rope: int  # index of its (cos, sin) tables in Model.rope_tables
+    attn_qkv: Linear  # (Wq, Wk, Wv): one kernel call where they share a format
+    attn_output: Linear  # Wo
+    ffn_gate_up: Linear  # (Wgate, Wup)
+    ffn_down: Linear  # Wdown
 
     @classmethod
     def load(cls, model: reference.Weights, i: int, rope: int) -> LayerWeights:
@@ -125,18 +130,22 @@ class LayerWeights:
         def vector(name: str) -> np.ndarray | None:
             return t[name].dequantize() if name in t else None
 
+        wq, wk, wv = t["attn_q.weight"], t["attn_k.weight"], t["attn_v.weight"]
+        w_gate, w_up, w_down = t["ffn_gate.weight"], t["ffn_up.weight"], t["ffn_down.weight"]
         return cls(
             attn_norm=t["attn_norm.weight"].dequantize(),
-            wq=t["attn_q.weight"], wk=t["attn_k.weight"], wv=t["attn_v.weight"],
+            wq=wq, wk=wk, wv=wv,
             bq=vector("attn_q.bias"), bk=vector("attn_k.bias"), bv=vector("attn_v.bias"),
             q_norm=vector("attn_q_norm.weight"), k_norm=vector("attn_k_norm.weight"),
             wo=t["attn_output.weight"],
             post_attn_norm=vector("post_attention_norm.weight"),
             ffn_norm=t["ffn_norm.weight"].dequantize(),
-            w_gate=t["ffn_gate.weight"], w_up=t["ffn_up.weight"], w_down=t["ffn_down.weight"],
+            w_gate=w_gate, w_up=w_up, w_down=w_down,
             post_ffw_norm=vector("post_ffw_norm.weight"),
             window=model.config.layer_window(i) or 0,
             rope=rope,
+            attn_qkv=Linear(wq, wk, wv), attn_output=Linear(t["attn_output.weight"]),
+            ffn_gate_up=Linear(w_gate, w_up), ffn_down=Linear(w_down),
         )  # fmt: skip
 
 
@@ -197,6 +206,7 @@ class Model:
         c = self.config
         self.token_embd = gf.tensors["token_embd.weight"]  # (V, D)
         self.output = gf.tensors["token_embd.weight" if c.tied_embeddings else "output.weight"]
+        self.output_linear = Linear(self.output)  # (V, D)
         self.output_norm = gf.tensors["output_norm.weight"].dequantize()  # (D,)
         factors = c.rope_scaling.freq_factors
         freq_factors = gf.tensors[factors].dequantize() if factors else None
@@ -235,10 +245,9 @@ class Model:
         """ws.out = Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
         c, w, T = self.config, self.layers[i], len(x)
         rms_norm(x, w.attn_norm, c.norm_eps, ws.h)
-        for y, wy, by, norm in ((ws.q, w.wq, w.bq, w.q_norm), (ws.k, w.wk, w.bk, w.k_norm),
-                                (ws.v, w.wv, w.bv, None)):  # fmt: skip
-            matmul(ws.h, wy, y.reshape(T, -1))  # y = h W^T (+ b)
-            if by is not None:
+        w.attn_qkv(ws.h, ws.q.reshape(T, -1), ws.k.reshape(T, -1), ws.v.reshape(T, -1))
+        for y, by, norm in ((ws.q, w.bq, w.q_norm), (ws.k, w.bk, w.k_norm), (ws.v, w.bv, None)):
+            if by is not None:  # y = h W^T + b
                 y.reshape(T, -1)[:] += by
             if norm is not None:  # RMSNorm of each head, in place
                 heads = y.reshape(-1, c.head_dim)
@@ -254,7 +263,7 @@ class Model:
             ws.q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
             batch.positions, w.window, c.attention_scale, ws.attn,
         )  # fmt: skip
-        matmul(ws.attn.reshape(T, -1), w.wo, ws.out)
+        w.attn_output(ws.attn.reshape(T, -1), ws.out)
         if w.post_attn_norm is not None:
             rms_norm(ws.out, w.post_attn_norm, c.norm_eps, ws.out)
         if tap:
@@ -265,10 +274,9 @@ class Model:
         """ws.out = MLP(RMSNorm(x)) = (act(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
         c, w = self.config, self.layers[i]
         rms_norm(x, w.ffn_norm, c.norm_eps, ws.h)
-        matmul(ws.h, w.w_gate, ws.gate)  # (T, F)
-        matmul(ws.h, w.w_up, ws.up)
+        w.ffn_gate_up(ws.h, ws.gate, ws.up)  # (T, F) each
         glu(ws.gate, ws.up, c.arch.activation == "gelu_tanh", ws.gate)
-        matmul(ws.gate, w.w_down, ws.out)
+        w.ffn_down(ws.gate, ws.out)
         if w.post_ffw_norm is not None:
             rms_norm(ws.out, w.post_ffw_norm, c.norm_eps, ws.out)
 
@@ -281,6 +289,7 @@ class Model:
         `layers` (default: all, in order) runs a subset, e.g. for self-speculative drafts.
         `tap` (Model.trace) sees the named intermediates; without it nothing is recorded.
         """
+        fit_threads()  # the cores other processes leave free, if governed (kernels/threads.py)
         ws = self.workspace(len(batch.tokens))
         x = self.embed(batch.tokens)  # (T, D): the residual stream
         for i in range(self.config.n_layers) if layers is None else layers:
@@ -296,7 +305,8 @@ class Model:
         x = np.ascontiguousarray(x[batch.logit_rows])  # (R, D)
         h = np.empty_like(x)
         rms_norm(x, self.output_norm, self.config.norm_eps, h)
-        logits = matmul(h, self.output)  # (R, V): a new array, the caller keeps it
+        logits = np.empty((len(h), self.output.shape[0]), np.float32)  # the caller keeps it
+        self.output_linear(h, logits)
         if tap:
             tap("result_norm", h)
             tap("result_output", logits)

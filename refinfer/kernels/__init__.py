@@ -33,7 +33,10 @@ from refinfer import quant
 from refinfer.errors import UnsupportedFormatError
 from refinfer.kernels import matmul as _mm
 from refinfer.kernels import matmul_blocks as _mb
+from refinfer.kernels.threads import load_tbb
 from refinfer.quant import QTensor
+
+load_tbb()  # before the first parallel kernel starts Numba's threads
 
 # format name -> (kernel, dtype the raw bytes are viewed as, lookup table); a tensor's
 # own format picks its kernel, so a file mixing Q4_K, Q6_K, Q5_0 and Q8_0 needs nothing else
@@ -56,6 +59,61 @@ _MATMUL = {
 }
 
 
+MAX_FUSED = 3  # matrices per Linear (Wq, Wk, Wv)
+_NO_OUTPUT = np.empty((0, 0), np.float32)  # the output of a padding matrix (never written)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of a."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+class Linear:
+    """y_i = x @ W_i^T for one or more weight matrices W_i[N_i, K] that share the input x.
+
+    Matrices of one format are multiplied in ONE kernel call, one parallel region over all
+    their rows (Wq, Wk, Wv of a layer; or Wgate, Wup): a decode step is mostly launches of
+    small products, so fewer, larger ones cost less. Everything is checked and the raw
+    views are made once, here; a call only dispatches the kernels. Each output is bitwise
+    what `matmul` gives for its matrix alone (a row's arithmetic does not depend on the
+    others). Raises UnsupportedFormatError for a format no kernel reads.
+    """
+
+    def __init__(self, *ws: QTensor):
+        if not 1 <= len(ws) <= MAX_FUSED:
+            raise ValueError(f"Linear takes 1 to {MAX_FUSED} matrices, not {len(ws)}")
+        k = ws[0].shape[-1]
+        by_format: dict[str, list[int]] = {}  # format -> indices of its matrices in ws
+        for i, w in enumerate(ws):
+            if w.format.name not in _MATMUL:
+                raise UnsupportedFormatError(
+                    f"no matmul kernel for tensor {w.name!r} of type {w.format.name} "
+                    f"(supported: {', '.join(_MATMUL)})"
+                )
+            n, kw = w.shape if len(w.shape) == 2 else (0, -1)
+            if kw != k or w.data.shape[:1] != (n,) or w.data.nbytes != n * w.format.row_bytes(k):
+                raise ValueError(f"{w.name!r}: data {list(w.data.shape)} is not {w.format.name}"
+                                 f"[N, {k}] (shape {list(w.shape)})")  # fmt: skip
+            by_format.setdefault(w.format.name, []).append(i)
+        self.shapes = [w.shape for w in ws]  # (N_i, K)
+        self._calls = []  # (kernel, raws, table, indices of the matrices in ws)
+        for name, indices in by_format.items():
+            kernel, raw_dtype, table = _MATMUL[name]
+            raws = [np.ascontiguousarray(ws[i].data).view(raw_dtype) for i in indices]
+            # padded with empty matrices to a fixed count, all read-only (as the memory map
+            # is): one type of argument, so one compiled kernel per format
+            raws += [np.empty((0, raws[0].shape[1]), raw_dtype)] * (MAX_FUSED - len(raws))
+            self._calls.append((kernel, tuple(_read_only(r) for r in raws), table, tuple(indices)))
+
+    def __call__(self, x: np.ndarray, *outs: np.ndarray) -> None:
+        """outs[i][T, N_i] = x[T, K] @ W_i^T (all C-contiguous float32)."""
+        for kernel, raws, table, indices in self._calls:
+            ys = tuple(outs[i] for i in indices)
+            kernel(x, raws, table, ys + (_NO_OUTPUT,) * (MAX_FUSED - len(ys)))
+
+
 def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarray:
     """y[T, N] = x[T, K] @ W[N, K]^T for float32 x and a QTensor w of shape (N, K).
 
@@ -64,25 +122,12 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
     returned. Raises UnsupportedFormatError for a format no kernel reads, and
     ValueError for mismatched shapes (a programming error, not bad input).
     """
-    try:
-        kernel, raw_dtype, table = _MATMUL[w.format.name]
-    except KeyError:
-        supported = ", ".join(_MATMUL)
-        raise UnsupportedFormatError(
-            f"no matmul kernel for tensor {w.name!r} of type {w.format.name} "
-            f"(supported: {supported})"
-        ) from None
+    linear = Linear(w)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if len(w.shape) != 2 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+    n, k = linear.shapes[0]
+    if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(
             f"matmul needs x[T, K] and W[N, K]; got x{list(x.shape)} and {w.name!r}{list(w.shape)}"
-        )
-    n, k = w.shape
-    raw = np.ascontiguousarray(w.data).view(raw_dtype)
-    if raw.shape != (n, w.format.row_bytes(k) // raw.itemsize):
-        raise ValueError(
-            f"{w.name!r}: data of shape {list(w.data.shape)} does not hold "
-            f"{w.format.name}[{n}, {k}]"
         )
     if out is None:
         out = np.empty((x.shape[0], n), dtype=np.float32)
@@ -90,7 +135,7 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
         raise ValueError(
             f"out must be C-contiguous float32{[x.shape[0], n]}; got {out.dtype}{list(out.shape)}"
         )
-    kernel(x, raw, table, out)
+    linear(x, out)
     return out
 
 

@@ -144,13 +144,29 @@ def _store_group(acc, G, y, t0, n):
         y[U(t0 + g), n] = acc[U(g), U(0)]
 
 
+@njit
+def _locate(counts, unit):
+    """(i, j): unit number `unit` of units counted matrix by matrix is unit j of matrix i.
+
+    (A call, not inlined: Numba forbids writing to an alias of a prange index.)"""
+    i, j = 0, unit
+    while j >= counts[i]:
+        j -= counts[i]
+        i += 1
+    return i, U(j)
+
+
 @njit(inline="always")
-def _matmul_rows(weight, x, raw, table, y):
-    """y[T, N] = x[T, K] @ W[N, K]^T, the rows of W decoded by `weight`."""
+def _matmul_rows(weight, x, raws, table, ys):
+    """ys[i][T, N_i] = x[T, K] @ W_i[N_i, K]^T for every matrix of `raws`, rows decoded by
+    `weight`; one parallel region over the rows of all of them (W_0's, then W_1's, ...)."""
     T, K = x.shape
-    N = y.shape[1]
-    for n_signed in prange(N):
-        n = U(n_signed)
+    rows = np.empty(len(raws), dtype=np.int64)
+    for i in range(len(raws)):
+        rows[i] = raws[i].shape[0]
+    for unit in prange(rows.sum()):
+        i, n = _locate(rows, unit)  # row n of matrix i
+        raw, y = raws[i], ys[i]
         acc = _stack_empty(MAX_GROUP, LANES)  # (G, 32): registers, not memory
         t0 = 0
         while T - t0 >= MAX_GROUP:
@@ -167,16 +183,17 @@ def _matmul_rows(weight, x, raw, table, y):
 
 
 # ---- one entry point per format ------------------------------------------------
-# x: float32[T, K] C-contiguous;  y: float32[T, N], written;  table: float32[65536].
+# x: float32[T, K] C-contiguous;  raws: a tuple of the matrices' raw arrays;
+# ys: a tuple of float32[T, N_i], written;  table: float32[65536].
 
 
 @njit(cache=True, parallel=True)
-def matmul_f32(x, raw, table, y):
-    """raw: float32[N, K] (the QTensor bytes viewed as float32); table unused."""
-    _matmul_rows(_weight_f32, x, raw, table, y)
+def matmul_f32(x, raws, table, ys):
+    """raws: float32[N_i, K] (the QTensor bytes viewed as float32); table unused."""
+    _matmul_rows(_weight_f32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_16bit(x, raw, table, y):
-    """raw: uint16[N, K] of f16 or bf16 patterns; table: F16_TO_F32 or BF16_TO_F32."""
-    _matmul_rows(_weight_16bit, x, raw, table, y)
+def matmul_16bit(x, raws, table, ys):
+    """raws: uint16[N_i, K] of f16 or bf16 patterns; table: F16_TO_F32 or BF16_TO_F32."""
+    _matmul_rows(_weight_16bit, x, raws, table, ys)

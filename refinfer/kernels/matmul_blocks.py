@@ -19,12 +19,17 @@ The order depends only on K: not on T, on the tile, on the thread count or on th
 tokens, and it is the same for every format. The weight w is the float32
 quant.dequantize gives (plain multiplies and adds, never fused).
 
-Tiles R x G: 1 x 8 while 8 tokens remain, then 2 x 4, 2 x 2, 2 x 1. With one row and one
-token, the FMAs of a block form one dependent chain (latency-bound); two rows give two
-chains. The 8 x 8 accumulators live on the stack, where LLVM keeps them in ymm registers.
-Rows are interleaved in a tile, which the hardware prefetcher follows badly, so each
-row's block is prefetched PREFETCH_BYTES ahead (a prefetch never faults, even past the
-array's end).
+Work is split into units of 4 rows x TOKEN_BLOCK tokens, token block by token block,
+so that each thread's 64 rows of x stay in cache while the rows of W stream past; one
+parallel region covers every matrix of the call (Wq, Wk and Wv together). Tiles R x G
+within a unit: 1 x 8 while 8 tokens remain (the one row's decoded weights serve 8
+tokens; 2 x 4 measured 15% slower on Zen 1), then 2 x 4, 2 x 2, and 4 x 1 for a single
+token (decoding: four independent FMA chains). The accumulators live on the stack, where
+LLVM keeps them in ymm registers. Rows are interleaved in a tile, which the hardware
+prefetcher follows badly, so each row's block is prefetched PREFETCH_BYTES ahead (a
+prefetch never faults, even past the array's end): at 512 bytes a decode step of SmolLM2
+Q8_0 spent 26 ms in matmul on this 2-core Zen 1, at 6 KiB 18 ms (weights stream from
+DRAM; the kernel's arithmetic alone runs at about 5 GB/s per core).
 
 Portability: everything is target-independent LLVM IR except one table lookup (IQ4's
 16 non-linear levels), which uses SSSE3's pshufb where the target has it and a
@@ -44,10 +49,11 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
 from refinfer import quant
-from refinfer.kernels.matmul import _stack_empty
+from refinfer.kernels.matmul import _locate, _stack_empty
 
 U = np.uint64  # unsigned indices: no negative-index wrap-around code
-PREFETCH_BYTES = 512
+PREFETCH_BYTES = 6144  # see above: 1.5, 3, 4 and 12 KiB measured slower
+TOKEN_BLOCK = 64  # tokens of x (64 x K floats: within L2) per unit of work
 CACHE_LINE = 64
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -429,16 +435,19 @@ def _block_intrinsic(decode, fmt):
                 builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
                 "llvm.prefetch.p0",
             )  # fmt: skip
+            rows = []  # each row's decoder, which emits the block's IR as it is advanced
             for r in range(n_rows):
                 o = builder.add(offset, builder.mul(row_bytes, I64(r)))
                 for line in range(0, fmt.type_size, CACHE_LINE):
                     ahead = builder.gep(raw_p, [builder.add(o, I64(PREFETCH_BYTES + line))])
                     builder.call(prefetch, [ahead, I32(0), I32(3), I32(1)])  # read, keep, data
-                for c, w in enumerate(decode(builder, raw_p, table_p, o, ssse3)):
-                    for g in range(n_tokens):
+                rows.append(decode(builder, raw_p, table_p, o, ssse3))
+            for c, w_rows in enumerate(zip(*rows, strict=True)):  # weights 8c .. 8c + 7, each row
+                for g in range(n_tokens):  # one load of x_g's chunk serves the R rows
+                    x_g = builder.add(x_offset, builder.mul(K, I64(g)))
+                    x_c = _load(builder, x_p, builder.add(x_g, I64(8 * c)), V8F)
+                    for r, w in enumerate(w_rows):
                         slot = I64(8 * (r * n_tokens + g))
-                        x_g = builder.add(x_offset, builder.mul(K, I64(g)))
-                        x_c = _load(builder, x_p, builder.add(x_g, I64(8 * c)), V8F)
                         a = _load(builder, acc_p, slot, V8F)
                         _store(builder, builder.call(fma, [w, x_c, a]), acc_p, slot)
             return context.get_dummy_value()
@@ -487,27 +496,30 @@ def _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, R, G):
 
 
 @njit(inline="always")
-def _row_pair(block, block_bytes, QK, x, raw, table, y, n0, acc):
-    """Rows n0, n0 + 1 against all T tokens: tiles 1 x 8 (each row), then 2 x 4, 2 x 2, 2 x 1."""
-    T, K = x.shape
-    t0 = 0
-    while T - t0 >= 8:
-        _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, 1, 8)
-        _tile(block, block_bytes, QK, raw, n0 + U(1), table, x, t0, K, y, acc, 1, 8)
-        t0 += 8
-    if T - t0 >= 4:
-        _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, 2, 4)
-        t0 += 4
-    if T - t0 >= 2:
-        _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, 2, 2)
-        t0 += 2
-    if T - t0 == 1:
-        _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, 2, 1)
+def _row_quad(block, block_bytes, QK, x, raw, table, y, n0, t0, t1, acc):
+    """Rows n0 .. n0 + 3 against tokens t0 .. t1 - 1: tiles 1 x 8 (each row), then
+    2 x 4, 2 x 2 (each pair of rows), and 4 x 1 for a last single token."""
+    K = x.shape[1]
+    t = t0
+    while t1 - t >= 8:
+        for r in range(4):
+            _tile(block, block_bytes, QK, raw, n0 + U(r), table, x, t, K, y, acc, 1, 8)
+        t += 8
+    if t1 - t >= 4:
+        for r in range(0, 4, 2):
+            _tile(block, block_bytes, QK, raw, n0 + U(r), table, x, t, K, y, acc, 2, 4)
+        t += 4
+    if t1 - t >= 2:
+        for r in range(0, 4, 2):
+            _tile(block, block_bytes, QK, raw, n0 + U(r), table, x, t, K, y, acc, 2, 2)
+        t += 2
+    if t1 - t == 1:
+        _tile(block, block_bytes, QK, raw, n0, table, x, t, K, y, acc, 4, 1)
 
 
 @njit(inline="always")
 def _last_row(block, block_bytes, QK, x, raw, table, y, n, acc):
-    """Row n alone (the last row when N is odd): tiles 1 x 8, then 1 x 1."""
+    """Row n alone (the last N % 4 rows): tiles 1 x 8, then 1 x 1."""
     T, K = x.shape
     t0 = 0
     while T - t0 >= 8:
@@ -519,89 +531,102 @@ def _last_row(block, block_bytes, QK, x, raw, table, y, n, acc):
 
 
 @njit(inline="always")
-def _matmul_blocks(block, block_bytes, QK, x, raw, table, y):
-    """y[T, N] = x[T, K] @ W[N, K]^T, in parallel over pairs of rows; blocks of QK weights."""
-    N = y.shape[1]
-    for pair in prange(N // 2):
+def _matmul_blocks(block, block_bytes, QK, x, raws, table, ys):
+    """ys[i][T, N_i] = x[T, K] @ W_i[N_i, K]^T for every matrix W_i of `raws`, in one parallel
+    region over (token block, 4 rows) units: token block 0 with W_0's quads of rows, then
+    W_1's ..., then token block 1. A thread's units are consecutive, so it keeps its
+    TOKEN_BLOCK rows of x in cache while the rows of W stream past."""
+    T = x.shape[0]
+    quads = np.empty(len(raws), dtype=np.int64)  # quads of rows of each matrix
+    for i in range(len(raws)):
+        quads[i] = raws[i].shape[0] // 4
+    n_quads = quads.sum()
+    for unit in prange(-(-T // TOKEN_BLOCK) * n_quads):
+        t0 = unit // n_quads * TOKEN_BLOCK  # tokens t0 .. t1 - 1
+        t1 = min(T, t0 + TOKEN_BLOCK)
+        i, quad = _locate(quads, unit % n_quads)  # rows 4 quad .. 4 quad + 3 of matrix i
         acc = _stack_empty(8, 8)  # (R * G, 8 lanes): 8 ymm registers
-        _row_pair(block, block_bytes, QK, x, raw, table, y, U(pair) * U(2), acc)
+        _row_quad(block, block_bytes, QK, x, raws[i], table, ys[i], quad * U(4), t0, t1, acc)
     acc = _stack_empty(8, 8)
-    for n in range(N - N % 2, N):
-        _last_row(block, block_bytes, QK, x, raw, table, y, U(n), acc)
+    for i in range(len(raws)):  # the last N % 4 rows of each matrix
+        N = raws[i].shape[0]
+        for n in range(N - N % 4, N):
+            _last_row(block, block_bytes, QK, x, raws[i], table, ys[i], U(n), acc)
 
 
-# x: float32[T, K] C-contiguous;  raw: uint8[N, row_bytes];  table: F16_TO_F32;  y: float32[T, N]
+# x: float32[T, K] C-contiguous;  raws: a tuple of uint8[N_i, row_bytes];  table: F16_TO_F32;
+# ys: a tuple of float32[T, N_i], written (one matrix, or several sharing x, e.g. Wq, Wk, Wv).
 # One entry point per format (Numba caches a function by its name); the block sizes are
 # quant.py's rows, as literals so that the loops around the block step unroll.
 
 
 @njit(cache=True, parallel=True)
-def matmul_q8_0(x, raw, table, y):
-    """y = x @ W^T for W in block_q8_0."""
-    _matmul_blocks(_block_q8_0, 34, 32, x, raw, table, y)
+def matmul_q8_0(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q8_0."""
+    _matmul_blocks(_block_q8_0, 34, 32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q4_0(x, raw, table, y):
-    """y = x @ W^T for W in block_q4_0."""
-    _matmul_blocks(_block_q4_0, 18, 32, x, raw, table, y)
+def matmul_q4_0(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_0."""
+    _matmul_blocks(_block_q4_0, 18, 32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q4_1(x, raw, table, y):
-    """y = x @ W^T for W in block_q4_1."""
-    _matmul_blocks(_block_q4_1, 20, 32, x, raw, table, y)
+def matmul_q4_1(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_1."""
+    _matmul_blocks(_block_q4_1, 20, 32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q5_0(x, raw, table, y):
-    """y = x @ W^T for W in block_q5_0."""
-    _matmul_blocks(_block_q5_0, 22, 32, x, raw, table, y)
+def matmul_q5_0(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_0."""
+    _matmul_blocks(_block_q5_0, 22, 32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q5_1(x, raw, table, y):
-    """y = x @ W^T for W in block_q5_1."""
-    _matmul_blocks(_block_q5_1, 24, 32, x, raw, table, y)
+def matmul_q5_1(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_1."""
+    _matmul_blocks(_block_q5_1, 24, 32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_iq4_nl(x, raw, table, y):
-    """y = x @ W^T for W in block_iq4_nl."""
-    _matmul_blocks(_block_iq4_nl, 18, 32, x, raw, table, y)
+def matmul_iq4_nl(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_iq4_nl."""
+    _matmul_blocks(_block_iq4_nl, 18, 32, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q2_k(x, raw, table, y):
-    """y = x @ W^T for W in block_q2_K."""
-    _matmul_blocks(_block_q2_k, 84, 256, x, raw, table, y)
+def matmul_q2_k(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q2_K."""
+    _matmul_blocks(_block_q2_k, 84, 256, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q3_k(x, raw, table, y):
-    """y = x @ W^T for W in block_q3_K."""
-    _matmul_blocks(_block_q3_k, 110, 256, x, raw, table, y)
+def matmul_q3_k(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q3_K."""
+    _matmul_blocks(_block_q3_k, 110, 256, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q4_k(x, raw, table, y):
-    """y = x @ W^T for W in block_q4_K."""
-    _matmul_blocks(_block_q4_k, 144, 256, x, raw, table, y)
+def matmul_q4_k(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_K."""
+    _matmul_blocks(_block_q4_k, 144, 256, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q5_k(x, raw, table, y):
-    """y = x @ W^T for W in block_q5_K."""
-    _matmul_blocks(_block_q5_k, 176, 256, x, raw, table, y)
+def matmul_q5_k(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_K."""
+    _matmul_blocks(_block_q5_k, 176, 256, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_q6_k(x, raw, table, y):
-    """y = x @ W^T for W in block_q6_K."""
-    _matmul_blocks(_block_q6_k, 210, 256, x, raw, table, y)
+def matmul_q6_k(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q6_K."""
+    _matmul_blocks(_block_q6_k, 210, 256, x, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
-def matmul_iq4_xs(x, raw, table, y):
-    """y = x @ W^T for W in block_iq4_xs."""
-    _matmul_blocks(_block_iq4_xs, 136, 256, x, raw, table, y)
+def matmul_iq4_xs(x, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_iq4_xs."""
+    _matmul_blocks(_block_iq4_xs, 136, 256, x, raws, table, ys)

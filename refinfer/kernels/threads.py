@@ -1,0 +1,137 @@
+"""The threads the kernels run on: Numba's threading layer, chosen for a machine others share.
+
+Every parallel kernel (`prange`) is one parallel region: the calling thread hands out the
+iterations and waits until all are done. A decode step launches about a hundred of them,
+each short (tens of microseconds), so how a layer waits decides the speed when another
+process holds a core. Numba has three layers (measured in bench/bench_generate.py --busy;
+the figures are in the README):
+
+- omp (GNU OpenMP, what Numba picks when TBB is absent) splits a region statically, one
+  part per thread. If one thread has lost its core to another process, the region waits
+  for that thread's next time slice (milliseconds), so decoding slows by an order of
+  magnitude.
+- workqueue, Numba's own, puts one task per thread and wakes sleeping threads by condition
+  variable: tens of microseconds per region even on a quiet machine.
+- tbb (Intel oneTBB) steals work: the calling thread takes over the parts no running thread
+  has started, so a region finishes at the speed of the threads that have a core.
+
+So refinfer uses tbb where the `tbb` wheel is installed (a run-time dependency on the
+platforms that have wheels). Numba finds libtbb only on the dynamic loader's path, which a
+pip venv does not put it on; `load_tbb` loads it from the wheel first, by its soname,
+so that Numba's own loading finds it. None of this changes a result: each output's
+reduction order does not depend on which thread computes it.
+
+Work stealing is not enough by itself: a thread that loses its core in the middle of its
+part still holds that part until its next time slice. So `ThreadGovernor` also fits the
+thread count to the cores the other processes leave free: every PERIOD seconds it reads
+how much CPU time the whole machine spent (/proc/stat) minus what this process spent,
+and uses the cores that are left (at least one). With two cores and one held by another
+process that is one thread, which then has a core to itself. The CLI turns it on when no
+`--threads` is given (`govern`); Model.forward calls `fit_threads` before each step. A
+thread count never changes a result (invariant 4 of DESIGN.md), so neither does this.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+TBB_SONAME = {"linux": "libtbb.so.12", "win32": "tbb12.dll", "darwin": "libtbb.12.dylib"}
+
+
+def load_tbb() -> bool:
+    """Load the tbb wheel's library so that Numba's tbb threading layer can start.
+
+    Returns whether it is loaded. Without the wheel, Numba falls back to omp or workqueue.
+    Call it before the first parallel kernel runs (importing refinfer.kernels does).
+    """
+    soname = TBB_SONAME.get(sys.platform)
+    try:
+        files = importlib.metadata.distribution("tbb").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for f in files:
+        if f.name == soname:
+            try:
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                return False
+            return True
+    return False
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent since boot (/proc/stat), or None where unknown."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal, in ticks
+
+
+class ThreadGovernor:
+    """Chooses the kernel thread count from the cores other processes leave free.
+
+    threads = clamp(floor(cores - others + 1/4), 1, most), where `others` is the number of
+    cores other processes kept busy over the last PERIOD seconds: CPU time of the machine
+    minus that of this process, over the wall time. (+1/4: a neighbour using more than
+    three quarters of a core takes it.) `clock`, `busy` and `ours` are injectable for tests.
+    """
+
+    PERIOD = 0.25  # seconds between two readings
+
+    def __init__(
+        self, most: int, cores: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        busy: Callable[[], float | None] = machine_busy_seconds,
+        ours: Callable[[], float] = time.process_time,
+    ):  # fmt: skip
+        self.most = most
+        self.cores = cores or os.cpu_count() or 1
+        self._clock, self._busy, self._ours = clock, busy, ours
+        self._since = (clock(), busy(), ours())
+        self.threads = most
+
+    def update(self) -> int:
+        """The thread count to use now (re-measured at most every PERIOD seconds)."""
+        now, busy, ours = self._clock(), self._busy(), self._ours()
+        then, busy0, ours0 = self._since
+        if busy is None or busy0 is None or now - then < self.PERIOD:
+            return self.threads
+        others = max(0.0, (busy - busy0) - (ours - ours0)) / (now - then)  # cores
+        self.threads = max(1, min(self.most, math.floor(self.cores - others + 0.25)))
+        self._since = (now, busy, ours)
+        return self.threads
+
+
+_governor: ThreadGovernor | None = None
+
+
+def govern(most: int | None = None) -> None:
+    """Let a ThreadGovernor choose the thread count of every forward pass from now on.
+
+    most: the ceiling (default: NUMBA_NUM_THREADS, all cores). Without this call refinfer
+    leaves the thread count to whoever sets it (numba.set_num_threads, --threads N).
+    """
+    import numba
+
+    global _governor
+    _governor = ThreadGovernor(most or numba.config.NUMBA_NUM_THREADS)
+
+
+def fit_threads() -> None:
+    """Apply the governor's choice in the calling thread (a no-op unless `govern` was called)."""
+    if _governor is None:
+        return
+    import numba
+
+    threads = _governor.update()
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
