@@ -2,7 +2,8 @@
 #   make demo    install and run the main job on the default model
 #   make test    install and run the test suite
 #   make peers   add llama-cpp-python, so that the tests against llama.cpp run (CI does)
-#   make bench   kernel and tokenizer benchmarks (long; not part of the tests)
+#   make bench   kernel and tokenizer benchmarks, refinfer against llama.cpp (long; not tests)
+#   make llama-bench   llama.cpp's own benchmark, built natively into build/ (make bench does)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +13,8 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_CPP_VOCAB := models/llama.cpp-vocab
 
-.PHONY: install install-dev peers models demo test bench notebooks lab lint format clean
+.PHONY: install install-dev peers llama-bench models demo test bench notebooks lab lint format \
+  clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +59,31 @@ $(LLAMA_CPP_VOCAB)/.unpacked: | $(PY)
 	rm $(LLAMA_CPP_VOCAB)/llama_cpp_python-*.tar.gz
 	touch $@
 
+# llama.cpp's own tools (llama-bench, llama-perplexity, llama-quantize), compiled from the same
+# llama-cpp-python source distribution as the peers into the git-ignored build/ (once; again
+# only when the binary is absent). GGML_NATIVE=ON compiles ggml for this CPU (-march=native:
+# AVX2, AVX-512, ... as present), as people build llama.cpp to run it, so `make bench` sets
+# refinfer against llama.cpp at its best here; the wheel of `make peers` uses default flags
+# so that it runs on any x86-64. About 8 minutes on 2 idle cores (21 while other jobs shared
+# them); needs cmake and a C++ compiler (ninja if present). `make bench` carries on without
+# it (bench_llama.py then measures llama.cpp through llama-cpp-python, or HF alone).
+LLAMA_CPP_BUILD := build/llama.cpp
+LLAMA_CPP_SRC := $(LLAMA_CPP_BUILD)/llama_cpp_python-$(word 2,$(subst ==, ,$(LLAMA_CPP_PYTHON)))
+LLAMA_BENCH := $(LLAMA_CPP_BUILD)/cmake-build/bin/llama-bench
+
+$(LLAMA_BENCH): | $(PY)
+	[ -f $(LLAMA_CPP_SRC)/.unpacked ] || { rm -rf $(LLAMA_CPP_SRC) && \
+	  $(PIP) download --no-deps --no-binary :all: $(LLAMA_CPP_PYTHON) -d $(LLAMA_CPP_BUILD) && \
+	  tar -xzf $(LLAMA_CPP_SRC).tar.gz -C $(LLAMA_CPP_BUILD) && touch $(LLAMA_CPP_SRC)/.unpacked; }
+	cmake -S $(LLAMA_CPP_SRC)/vendor/llama.cpp -B $(LLAMA_CPP_BUILD)/cmake-build \
+	  $(if $(shell command -v ninja),-G Ninja) -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	  -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+	cmake --build $(LLAMA_CPP_BUILD)/cmake-build --parallel $$(nproc) \
+	  --target llama-bench llama-perplexity llama-quantize
+
+llama-bench: $(LLAMA_BENCH)
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
@@ -87,11 +114,15 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev $(LLAMA_CPP_VOCAB)/.unpacked
 	$(PY) -m pytest -q
 
+# bench_llama.py: the README's speed table (refinfer against llama-bench in the same run, or
+# llama-cpp-python, or HF transformers alone: it says which); bench_generate.py: against HF.
 bench: $(VENV)/.installed-dev models
+	$(MAKE) llama-bench || echo "llama-bench did not build: bench_llama.py falls back"
+	$(PY) bench/bench_llama.py --busy 1
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_tokenizer.py
-	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_generate.py --engines refinfer,hf
 	$(PY) bench/bench_decoding.py
 	$(PY) bench/bench_batching.py
 	$(PY) bench/bench_server.py
