@@ -1,4 +1,5 @@
-"""kernels.layer_ops.glu against its NumPy twins, reference.silu and reference.gelu_tanh (float64).
+"""kernels.layer_ops: glu against its NumPy twins, reference.silu and reference.gelu_tanh (float64),
+and each op bitwise the same on one thread and in parallel.
 
 The kernel computes act(g) = g / (1 + expf(-z)) in float32 (z = g for SiLU, z = 2u for
 GELU's tanh form). Its error bound, relative to |act(g) up|, from the roundings it does:
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from refinfer import reference
+from refinfer.kernels import layer_ops
 from refinfer.kernels.layer_ops import glu
 
 U32 = 2.0**-24
@@ -75,3 +77,29 @@ def test_ends() -> None:
         out = run(gate, up, gelu)
         assert out[0, 0] == 0 and out[0, 1] == F32(1e30) and out[0, 2] == 0
         assert out[0, 3] == 100 and -1e-30 < out[0, 4] <= 0
+
+
+def test_one_thread_and_parallel_give_the_same_bits() -> None:
+    """Below PARALLEL_TOKENS tokens the ops loop on one thread, from there in parallel:
+    each token's result is bitwise the same either way (rms_norm, rope, glu)."""
+    T = layer_ops.PARALLEL_TOKENS + 3
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, 4, 8), dtype=F32)
+    w = rng.standard_normal(32, dtype=F32)
+    positions = rng.permutation(T).astype(np.int32)
+    cos, sin = rng.standard_normal((2, T, 4), dtype=F32)
+    for neox in (False, True):
+        batch, alone = x.copy(), x.copy()
+        layer_ops.rope(batch, positions, cos, sin, neox)
+        for t in range(T):
+            layer_ops.rope(alone[t : t + 1], positions[t : t + 1], cos, sin, neox)
+        np.testing.assert_array_equal(batch, alone)
+    flat = x.reshape(T, -1)
+    batch, alone = np.empty_like(flat), np.empty_like(flat)
+    layer_ops.rms_norm(flat, w, 1e-5, batch)
+    for t in range(T):
+        layer_ops.rms_norm(flat[t : t + 1], w, 1e-5, alone[t : t + 1])
+    np.testing.assert_array_equal(batch, alone)
+    for gelu in (False, True):
+        alone = np.concatenate([run(flat[t : t + 1], flat[t : t + 1], gelu) for t in range(T)])
+        np.testing.assert_array_equal(run(flat, flat, gelu), alone)
