@@ -20,7 +20,8 @@ warm-up (refinfer's first forward call loads the compiled kernels from Numba's c
 compiles them: reported separately). With --busy N, N CPU-burning processes (`while True:
 pass`; --busy-pin pins them to the first cores) run during a second tg128 of each
 repetition, alternating with the quiet one and stopped after 15 s (a collapsed decode would
-take minutes), and for llama.cpp during a tg32 run of min(3, --repeats) repetitions;
+take minutes; refinfer with its thread governor on, as `refinfer generate` runs without
+--threads), and for llama.cpp during a tg32 run of min(3, --repeats) repetitions;
 "busy / quiet" is the ratio of their median tok/s to the quiet tg128's.
 
     python bench/bench_llama.py                     # SmolLM2 Q8_0, Q4_0, Q4_K_M, Gemma 3 270M
@@ -197,6 +198,21 @@ def forward_ratio(engine: Refinfer, ids: list[int]) -> float:
     return statistics.median(times[FWD_T]) / statistics.median(times[1])
 
 
+@contextlib.contextmanager
+def governed(engine_name: str, threads: int):
+    """refinfer's thread governor on inside the block (kernels/threads.py), up to `threads`."""
+    if engine_name != "refinfer":
+        yield
+        return
+    from refinfer.kernels.threads import govern, stop_governing
+
+    govern(threads)
+    try:
+        yield
+    finally:
+        stop_governing()
+
+
 def child(engine_name: str, model: str, args) -> None:
     """Run one engine on one model in this process; print one JSON line of samples."""
     import numba
@@ -233,8 +249,8 @@ def child(engine_name: str, model: str, args) -> None:
             samples[test].append(run_test(engine, test, ids))
         if engine_name == "refinfer":
             samples["fwd"].append(forward_ratio(engine, ids))
-        if args.busy:
-            with burning(args.busy, args.busy_pin):
+        if args.busy:  # refinfer as `refinfer generate` runs without --threads: governed
+            with burning(args.busy, args.busy_pin), governed(engine_name, args.threads):
                 samples["busy"].append(run_test(engine, "tg128", ids, BUSY_SECONDS))
     result["samples"] = {k: v for k, v in samples.items() if v}
     print(json.dumps(result))

@@ -126,6 +126,12 @@ def govern(most: int | None = None) -> None:
     _governor = ThreadGovernor(most or numba.config.NUMBA_NUM_THREADS)
 
 
+def stop_governing() -> None:
+    """Leave the thread count as it is from now on (undoes `govern`)."""
+    global _governor
+    _governor = None
+
+
 def fit_threads() -> None:
     """Apply the governor's choice in the calling thread (a no-op unless `govern` was called)."""
     if _governor is None:
