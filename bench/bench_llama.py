@@ -204,6 +204,8 @@ def governed(engine_name: str, threads: int):
     if engine_name != "refinfer":
         yield
         return
+    import numba
+
     from refinfer.kernels.threads import govern, stop_governing
 
     govern(threads)
@@ -211,6 +213,7 @@ def governed(engine_name: str, threads: int):
         yield
     finally:
         stop_governing()
+        numba.set_num_threads(threads)  # the governor may have left fewer
 
 
 def child(engine_name: str, model: str, args) -> None:

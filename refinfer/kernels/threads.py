@@ -127,7 +127,7 @@ def govern(most: int | None = None) -> None:
 
 
 def stop_governing() -> None:
-    """Leave the thread count as it is from now on (undoes `govern`)."""
+    """Stop governing: the thread count stays as the governor last set it (undoes `govern`)."""
     global _governor
     _governor = None
 
