@@ -171,7 +171,8 @@ def child(engine: str, model: str, repeats: int, threads: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--models", default="q8_0,q4_0,q4_1,q4_k_m,gemma3",
+        "--models",
+        default="q8_0,q4_0,q4_1,q4_k_m,gemma3",
         help="models/smollm2-135m-<fmt>.gguf, or gemma3",
     )
     p.add_argument("--engines", default="refinfer,hf,llama.cpp")

@@ -220,8 +220,6 @@ def child(engine_name: str, model: str, args) -> None:
     """Run one engine on one model in this process; print one JSON line of samples."""
     import numba
 
-    import refinfer.kernels  # noqa: F401  (first: it loads TBB before Numba starts its threads)
-
     numba.set_num_threads(args.threads)
     ids = prompt_ids(model)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""kernels/threads.py: the threading layer and the thread governor.
+"""kernels/threads.py: the thread governor.
 
 The governor's rule is checked with an injected clock and CPU counters (no real load
 needed); that the thread count it picks cannot change a result is held elsewhere
@@ -7,14 +7,10 @@ needed); that the thread count it picks cannot change a result is held elsewhere
 
 from __future__ import annotations
 
-import platform
-
 import numba
-import numpy as np
 import pytest
 
-from refinfer import quant
-from refinfer.kernels import matmul, threads
+from refinfer.kernels import threads
 
 
 class FakeMachine:
@@ -91,13 +87,3 @@ def test_fit_threads_applies_the_choice_in_the_calling_thread(monkeypatch) -> No
         assert numba.get_num_threads() == 1
     finally:
         numba.set_num_threads(saved)
-
-
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"), reason="no tbb wheel for this platform"
-)
-def test_kernels_run_on_tbb() -> None:
-    w = np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)
-    q = quant.QTensor("w", quant.Q8_0, w.shape, quant.quantize(w, quant.Q8_0))
-    matmul(np.ones((1, 64), np.float32), q)  # starts Numba's threads
-    assert numba.threading_layer() == "tbb"

@@ -33,10 +33,7 @@ from refinfer import quant
 from refinfer.errors import UnsupportedFormatError
 from refinfer.kernels import matmul as _mm
 from refinfer.kernels import matmul_blocks as _mb
-from refinfer.kernels.threads import load_tbb
 from refinfer.quant import QTensor
-
-load_tbb()  # before the first parallel kernel starts Numba's threads
 
 # format name -> (kernel, dtype the raw bytes are viewed as, lookup table); a tensor's
 # own format picks its kernel, so a file mixing Q4_K, Q6_K, Q5_0 and Q8_0 needs nothing else

@@ -1,68 +1,30 @@
-"""The threads the kernels run on: Numba's threading layer, chosen for a machine others share.
+"""The threads the kernels run on: how many, chosen for a machine others share.
 
 Every parallel kernel (`prange`) is one parallel region: the calling thread hands out the
 iterations and waits until all are done. A decode step launches about a hundred of them,
-each short (tens of microseconds), so how a layer waits decides the speed when another
-process holds a core. Numba has three layers (measured in bench/bench_generate.py --busy;
-the figures are in the README):
+each short (tens of microseconds), so when another process holds a core, the thread that
+has lost it holds up every region until its next time slice, and decoding slows by an
+order of magnitude. `ThreadGovernor` fits the thread count to the cores the other
+processes leave free: every PERIOD seconds it reads how much CPU time the whole machine
+spent (/proc/stat) minus what this process spent, and uses the cores that are left (at
+least one). With two cores and one held by another process that is one thread, which
+then has a core to itself. The CLI turns it on when no `--threads` is given (`govern`);
+Model.forward calls `fit_threads` before each step. A thread count never changes a
+result (invariant 4 of DESIGN.md), so neither does this.
 
-- omp (GNU OpenMP, what Numba picks when TBB is absent) splits a region statically, one
-  part per thread. If one thread has lost its core to another process, the region waits
-  for that thread's next time slice (milliseconds), so decoding slows by an order of
-  magnitude.
-- workqueue, Numba's own, puts one task per thread and wakes sleeping threads by condition
-  variable: tens of microseconds per region even on a quiet machine.
-- tbb (Intel oneTBB) steals work: the calling thread takes over the parts no running thread
-  has started, so a region finishes at the speed of the threads that have a core.
-
-So refinfer uses tbb where the `tbb` wheel is installed (a run-time dependency on the
-platforms that have wheels). Numba finds libtbb only on the dynamic loader's path, which a
-pip venv does not put it on; `load_tbb` loads it from the wheel first, by its soname,
-so that Numba's own loading finds it. None of this changes a result: each output's
-reduction order does not depend on which thread computes it.
-
-Work stealing is not enough by itself: a thread that loses its core in the middle of its
-part still holds that part until its next time slice. So `ThreadGovernor` also fits the
-thread count to the cores the other processes leave free: every PERIOD seconds it reads
-how much CPU time the whole machine spent (/proc/stat) minus what this process spent,
-and uses the cores that are left (at least one). With two cores and one held by another
-process that is one thread, which then has a core to itself. The CLI turns it on when no
-`--threads` is given (`govern`); Model.forward calls `fit_threads` before each step. A
-thread count never changes a result (invariant 4 of DESIGN.md), so neither does this.
+Measured (SmolLM2 Q8_0, 2 cores, one `while True: pass` process holding a core; README,
+Speed): Numba's omp layer alone kept 28% of its quiet decode speed, with the governor 65%.
+Numba's tbb layer (work stealing, the `tbb` wheel) kept 60% without the governor and 67%
+with it, but cost 10-15% of the quiet decode speed (its threads wake more slowly at each
+region), so refinfer uses Numba's default layer and the governor.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.metadata
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
-
-TBB_SONAME = {"linux": "libtbb.so.12", "win32": "tbb12.dll", "darwin": "libtbb.12.dylib"}
-
-
-def load_tbb() -> bool:
-    """Load the tbb wheel's library so that Numba's tbb threading layer can start.
-
-    Returns whether it is loaded. Without the wheel, Numba falls back to omp or workqueue.
-    Call it before the first parallel kernel runs (importing refinfer.kernels does).
-    """
-    soname = TBB_SONAME.get(sys.platform)
-    try:
-        files = importlib.metadata.distribution("tbb").files or []
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    for f in files:
-        if f.name == soname:
-            try:
-                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                return False
-            return True
-    return False
 
 
 def machine_busy_seconds() -> float | None:
