@@ -24,9 +24,10 @@ so that each thread's 64 rows of x stay in cache while the rows of W stream past
 parallel region covers every matrix of the call (Wq, Wk and Wv together). Tiles R x G
 within a unit: 1 x 8 while 8 tokens remain (the one row's decoded weights serve 8
 tokens; 2 x 4 measured 15% slower on Zen 1), then 2 x 4, 2 x 2, and 4 x 1 for a single
-token (decoding: four independent FMA chains). The accumulators live on the stack, where
-LLVM keeps them in ymm registers. Rows are interleaved in a tile, which the hardware
-prefetcher follows badly, so each row's block is prefetched PREFETCH_BYTES ahead (a
+token (four independent FMA chains; the same speed as 2 x 1 on Zen 1, where decoding is
+bound by the int8 -> float32 conversions, not by FMA latency). The accumulators live on
+the stack, where LLVM keeps them in ymm registers. Rows are interleaved in a tile, which
+the hardware prefetcher follows badly, so each row's block is prefetched PREFETCH_BYTES ahead (a
 prefetch never faults, even past the array's end): at 512 bytes a decode step of SmolLM2
 Q8_0 spent 26 ms in matmul on this 2-core Zen 1, at 6 KiB 18 ms (weights stream from
 DRAM; the kernel's arithmetic alone runs at about 5 GB/s per core).

@@ -43,8 +43,9 @@ class ThreadGovernor:
 
     threads = clamp(floor(cores - others + 1/4), 1, most), where `others` is the number of
     cores other processes kept busy over the last PERIOD seconds: CPU time of the machine
-    minus that of this process, over the wall time. (+1/4: a neighbour using more than
-    three quarters of a core takes it.) `clock`, `busy` and `ours` are injectable for tests.
+    minus that of this process, over the wall time. (+1/4: a neighbour using more than a
+    quarter of a core takes it; a thread that shares a core stalls every region.)
+    `clock`, `busy` and `ours` are injectable for tests.
     """
 
     PERIOD = 0.25  # seconds between two readings
