@@ -117,6 +117,18 @@ def _first_key(pos, window):
     return max(0, pos - window + 1) if window > 0 else 0
 
 
+@njit(inline="always")
+def _chunk_keys_seen(c, C, lo, pos):
+    """(a, b): the keys a .. b of chunk c (keys c C .. c C + C - 1) that lie in lo .. pos."""
+    return max(c * C, lo), min(c * C + C - 1, pos)
+
+
+@njit(inline="always")
+def _block_slots(a, b, i, BS):
+    """(j0, j1): the slots j0 .. j1 - 1 of pool block i (keys i BS .. i BS + BS - 1) in a .. b."""
+    return max(a - i * BS, 0), min(b - i * BS + 1, BS)
+
+
 # ---- runs of multiply-adds in vector registers -------------------------------------
 
 
@@ -269,7 +281,7 @@ def _partial(q, t, h0, k_cache, v_cache, table, g, a, b, scale, scores, m, lsum,
             scores[U(r), U(j)] = F32(0)
     blocks = range(a // BS, b // BS + 1)  # the pool blocks of the chunk, in order
     for i in blocks:  # s_j = q . k_j  (slot j of block i is key i BS + j: column i BS + j - a)
-        j0, j1 = max(a - i * BS, 0), min(b - i * BS + 1, BS)  # its visible slots
+        j0, j1 = _block_slots(a, b, i, BS)
         _scores(q, t, h0, k_cache, table[i], g, j0, j1, i * BS - a, scores)
     for r in range(G):
         ru = U(r)
@@ -288,7 +300,7 @@ def _partial(q, t, h0, k_cache, v_cache, table, g, a, b, scale, scores, m, lsum,
         for d in range(HD):
             acc[ru, U(d)] = F32(0)
     for i in blocks:  # acc = sum_j p_j v_j, in increasing j
-        j0, j1 = max(a - i * BS, 0), min(b - i * BS + 1, BS)
+        j0, j1 = _block_slots(a, b, i, BS)
         _values(scores, v_cache, table[i], g, j0, j1, i * BS - a, acc)
 
 
@@ -356,9 +368,9 @@ def _attend_split(q, k_cache, v_cache, block_tables, seq_index, positions, windo
         k, g = item // KVH, item % KVH  # part k of token t, kv head g
         t = token[k]
         pos = positions[t]
-        c = _first_key(pos, window) // C + k - first[t]  # the chunk of part k
-        a = max(c * C, _first_key(pos, window))  # its visible keys a .. b
-        b = min(c * C + C - 1, pos)
+        lo = _first_key(pos, window)
+        c = lo // C + k - first[t]  # the chunk of part k
+        a, b = _chunk_keys_seen(c, C, lo, pos)
         _partial(
             q, t, g * G, k_cache, v_cache, block_tables[seq_index[t]], g, a, b, scale,
             scores[item], m_c[k, g], l_c[k, g], acc_c[k, g],
@@ -397,7 +409,7 @@ def _attend_whole(q, k_cache, v_cache, block_tables, seq_index, positions, windo
             table = block_tables[seq_index[t]]
             _start(m[s], lsum[s], acc[s])
             for c in range(lo // C, pos // C + 1):  # in increasing c
-                a, b = max(c * C, lo), min(c * C + C - 1, pos)
+                a, b = _chunk_keys_seen(c, C, lo, pos)
                 _partial(
                     q, t, g * G, k_cache, v_cache, table, g, a, b, scale,
                     scores[s], m_c[s], l_c[s], acc_c[s],

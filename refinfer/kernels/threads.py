@@ -26,6 +26,8 @@ import os
 import time
 from collections.abc import Callable
 
+import numba
+
 
 def machine_busy_seconds() -> float | None:
     """CPU seconds all processes have spent since boot (/proc/stat), or None where unknown."""
@@ -83,8 +85,6 @@ def govern(most: int | None = None) -> None:
     most: the ceiling (default: NUMBA_NUM_THREADS, all cores). Without this call refinfer
     leaves the thread count to whoever sets it (numba.set_num_threads, --threads N).
     """
-    import numba
-
     global _governor
     _governor = ThreadGovernor(most or numba.config.NUMBA_NUM_THREADS)
 
@@ -99,8 +99,6 @@ def fit_threads() -> None:
     """Apply the governor's choice in the calling thread (a no-op unless `govern` was called)."""
     if _governor is None:
         return
-    import numba
-
     threads = _governor.update()
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
