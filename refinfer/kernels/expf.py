@@ -39,6 +39,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from refinfer.ggml.ops import EXP_C, EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_SHIFT
+
 F = np.float32
 LOG2E = F(1.44269504088896341)  # log2(e)
 C1 = F(0.693359375)  # ln 2 = C1 + C2; C1 = 355/512 has 9 bits, so n C1 is exact for |n| < 2^15
@@ -123,3 +125,106 @@ def _exp_loop(x, out):
     """out[i] = expf(x[i]) for float32[N]: the vectorised loop the tests check, and a kernel."""
     for i in range(x.shape[0]):
         out[i] = expf(x[i])
+
+
+# ---- numerics="ggml": ggml's own expf, lane by lane -----------------------------------
+#
+# refinfer/ggml/ops.py states it in NumPy (`expf`, with the equations and the constants,
+# imported from there); what follows computes the same bits in Numba, one lane at a time.
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """a b + c for float32, rounded once (llvm.fma.f32: vfmadd on an FMA CPU, else fmaf)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic(
+            "llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32])
+        )
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The 32 bits of a float32, as a non-negative int64 (0 .. 2^32 - 1)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], ir.IntType(32))
+        return builder.zext(bits, ir.IntType(64))
+
+    return types.int64(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, i):
+    """The float32 whose bits are the low 32 bits of an int64 (the rest is dropped: wraps)."""
+    if i != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+    return types.float32(types.int64), codegen
+
+
+@intrinsic
+def f16_bits(typingctx, x):
+    """The bits of float16(x) for a float32 x, round to nearest even (F16C's vcvtps2ph)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.zext(builder.bitcast(half, ir.IntType(16)), ir.IntType(64))
+
+    return types.int64(types.float32), codegen
+
+
+@intrinsic
+def round_f16(typingctx, x):
+    """float32(float16(x)): x rounded to the nearest float16, ties to even (ggml's K/V, q, p)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+M32 = 0xFFFFFFFF  # 32-bit wrap-around of the integer lane operations
+GG_ONE_BITS = 0x3F800000  # bits of 1.0f
+GG_BIAS_BITS = 0x7F000000  # s1 = bits(g + this)
+GG_NEG_BITS = 0x82000000  # g for n <= 0
+F126, F192 = F(126), F(192)
+
+
+@njit(inline="always")
+def expf_ggml(x):
+    """ggml_v_expf (vec.h, AVX2 + FMA) of one float32 lane; the same bits as ops.expf."""
+    z = fma_f32(x, EXP_LOG2E, EXP_SHIFT)  # z = x log2(e) + 1.5 2^23, n in its low bits
+    n = z - EXP_SHIFT
+    b = fma_f32(-n, EXP_LN2_LO, fma_f32(-n, EXP_LN2_HI, x))  # b = x - n ln2 (hi, lo)
+    e = (f32_bits(z) << 23) & M32
+    k = bits_f32((e + GG_ONE_BITS) & M32)  # 2^n
+    u = b * b
+    j = fma_f32(
+        fma_f32(fma_f32(EXP_C[0], b, EXP_C[1]), u, fma_f32(EXP_C[2], b, EXP_C[3])), u, EXP_C[4] * b
+    )  # j = e^b - 1
+    an = abs(n)
+    if an > F192:  # far out of range: 0 or inf
+        s1 = bits_f32(((GG_NEG_BITS if n <= F(0) else 0) + GG_BIAS_BITS) & M32)
+        return s1 * s1
+    if an > F126:  # 2^n split into two factors
+        g = GG_NEG_BITS if n <= F(0) else 0
+        s1 = bits_f32((g + GG_BIAS_BITS) & M32)
+        s2 = bits_f32((e - g) & M32)
+        return fma_f32(s2, j, s2) * s1
+    return fma_f32(k, j, k)  # k (1 + j)

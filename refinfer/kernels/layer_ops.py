@@ -12,16 +12,19 @@ hundred values, and starting a parallel region (microseconds) costs more than th
 in parallel the three took 2.8 ms of a 25 ms SmolLM2 step (61 + 60 + 30 calls), on one
 thread 1.1 ms; in a 512-token prefill, one thread cost 10% of its speed.
 Their NumPy twins are in refinfer/reference.py (rms_norm, rope, silu, gelu_tanh).
+numerics="ggml" adds `rms_norm_ggml` and `glu_ggml` at the end: llama.cpp's arithmetic,
+whose NumPy twins are in refinfer/ggml/ops.py (rms_norm, swiglu, geglu).
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
 from numba import njit, prange
 
-from refinfer.kernels.expf import expf
+from refinfer.kernels.expf import expf, expf_ggml, f16_bits
 
 U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
 ONE = np.float32(1)
@@ -142,3 +145,101 @@ def _glu_parallel(gate, up, gelu_tanh, out):
 
 
 glu = _per_token(_glu_serial, _glu_parallel)
+
+
+# ---- numerics="ggml": llama.cpp's RMSNorm and GLU (twins: refinfer/ggml/ops.py) -------
+
+F32 = np.float32
+LANES = 8  # ggml's AVX2 loops: 8 lanes at a time, the leftovers one by one
+GELU_LIMIT = F32(10)  # beyond +-10 ggml_vec_geglu_f32 skips its table
+
+
+@njit(inline="always")
+def _rms_norm_ggml_token(x, weight, eps, out, t):
+    D = x.shape[1]
+    total = 0.0
+    for i in range(D):  # sum = sum_i double(x_i * x_i), the products in float32
+        total += np.float64(x[t, U(i)] * x[t, U(i)])
+    mean = F32(total / D)
+    scale = ONE / np.sqrt(mean + F32(eps))  # 1.0f / sqrtf(mean + eps)
+    for i in range(D):
+        out[t, U(i)] = x[t, U(i)] * scale * weight[U(i)]
+
+
+@njit(cache=True)
+def _rms_norm_ggml_serial(x, weight, eps, out):
+    """out[t] = x[t] * (1 / sqrt(mean(x[t]^2) + eps)) * weight as ggml computes it, x float32[T, D].
+
+    ggml_compute_forward_rms_norm_f32 (+ the fused mul): float32 squares added in double,
+    left to right; mean rounded to float32; the scale and the products in float32
+    (ggml.ops.rms_norm states it). out may be x.
+    """
+    for t in range(x.shape[0]):
+        _rms_norm_ggml_token(x, weight, eps, out, t)
+
+
+@njit(cache=True, parallel=True)
+def _rms_norm_ggml_parallel(x, weight, eps, out):
+    for t in prange(x.shape[0]):
+        _rms_norm_ggml_token(x, weight, eps, out, t)
+
+
+rms_norm_ggml = _per_token(_rms_norm_ggml_serial, _rms_norm_ggml_parallel)
+
+
+@njit(inline="always")
+def _glu_ggml_token(gate, up, gelu, table, out, t):
+    F = gate.shape[1]
+    m = F - F % LANES  # ggml's vector part; the rest take the scalar code
+    for i in range(F):
+        g, u = gate[t, U(i)], up[t, U(i)]
+        if gelu:  # ggml_vec_geglu_f32, GGML_GELU_FP16: GELU read from a float16 table
+            if g <= -GELU_LIMIT:
+                y = F32(0)
+            elif g >= GELU_LIMIT:
+                y = g * u
+            else:
+                y = table[U(f16_bits(g))] * u
+        elif i < m:  # ggml_v_silu: g / (1 + expf(0 - g)), ggml's expf
+            y = g / (ONE + expf_ggml(F32(0) - g)) * u
+        else:  # ggml_silu_f32 with the C library's expf (correctly rounded here)
+            y = g / (ONE + F32(math.exp(np.float64(-g)))) * u
+        out[t, U(i)] = y
+
+
+@njit(cache=True, error_model="numpy")
+def _glu_ggml_serial(gate, up, gelu, table, out):
+    """out = act(gate) * up for float32[T, F] as ggml computes it (ggml.ops.swiglu / geglu).
+
+    SiLU (gelu False): ggml_vec_swiglu_f32, silu(g) = g / (1 + expf(0 - g)) with ggml's
+    expf (kernels.expf.expf_ggml) on the first F - F % 8 elements of a row, the C
+    library's expf on the last F % 8. GELU (gelu True): ggml_vec_geglu_f32, 0 for
+    g <= -10, g u for g >= 10, else table[float16 bits of g] * u (table: ggml.ops.gelu_table,
+    float32[65536]). out may be gate.
+    """
+    for t in range(gate.shape[0]):
+        _glu_ggml_token(gate, up, gelu, table, out, t)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _glu_ggml_parallel(gate, up, gelu, table, out):
+    for t in prange(gate.shape[0]):
+        _glu_ggml_token(gate, up, gelu, table, out, t)
+
+
+@cache
+def _gelu_table() -> np.ndarray:
+    """ggml's GELU table, float32[65536], built once (about 10 ms) on first use."""
+    from refinfer.ggml.ops import gelu_table  # NumPy, not a kernel: imported where needed
+
+    return gelu_table()
+
+
+def glu_ggml(gate, up, gelu, out):
+    """out = act(gate) * up for gate, up float32[T, F], as llama.cpp computes it.
+
+    act is SiLU, or GELU (tanh form, from ggml's float16 table) if `gelu`; see
+    _glu_ggml_serial. One thread below PARALLEL_TOKENS tokens; same bits either way.
+    """
+    op = _glu_ggml_parallel if len(gate) >= PARALLEL_TOKENS else _glu_ggml_serial
+    op(gate, up, gelu, _gelu_table(), out)

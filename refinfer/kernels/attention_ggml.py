@@ -1,0 +1,183 @@
+"""Paged attention as llama.cpp computes it without flash attention (numerics="ggml").
+
+The NumPy twin is `refinfer.ggml.attention.attention` (its docstring reads the graph from
+llama.cpp's source); tests/test_ggml_attention.py holds the two together bitwise.
+`paged_attention_ggml` has the signature and the visible-key semantics of
+`kernels.attention.paged_attention` (same pool layout, same window convention: a query at
+p sees keys max(0, p - window + 1) .. p), but not its arithmetic: no online softmax, no
+chunks. For each query token t and kv head g, and each of the G query heads h of g:
+
+    q16    = float16(q[t, h])                                        (HD,)
+    s_j    = dot8(q16, K[j]) * scale          over d: lane d mod 8, fma, then hsum8
+    M      = max_j s_j
+    e_j    = expf_ggml(s_j - M)
+    sum    = sum over groups c of 8 keys (key j in lane j mod 8 of group j // 8) of
+             double(hsum8(e of the group's visible keys, 0 elsewhere)), in increasing c
+    p16_j  = float16(e_j * float(1 / sum))
+    out[d] = hsum8(acc_0[d] .. acc_7[d]),  acc_l[d] = fma(p16_j, V[j, d], acc_l[d])
+             over the visible keys j = l mod 8, in increasing j
+
+    hsum8(l) = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))       (float32)
+
+The pool must hold K and V already rounded to float16 (the model writes them so); q and p
+are rounded here. Everything of one (t, h) depends only on q[t, h], its sequence's visible
+keys and the scale: not on T, the batch, the thread count or the block size, so a token
+gives the same bits alone or in any batch, in decode as in prefill.
+
+How it runs: two passes over the visible keys (scores, then values), parallel over
+(token, kv head) items dealt round-robin to at most MAX_SETS scratch sets, as in
+kernels/attention.py. Scores are computed a pool block at a time, vectorised over the
+block's keys (K is [KVH, HD, BS]: the keys are contiguous); values vectorised over d
+(V is [KVH, BS, HD]). llvm.fma.f32 vectorises to vfmadd.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from refinfer.kernels.expf import expf_ggml, fma_f32, round_f16
+
+U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
+F32 = np.float32
+LANES = 8  # AVX2 float32 lanes: tinyBLAS's accumulators, the softmax's groups
+MAX_SETS = 64  # scratch sets per call; many more than threads, so uneven items balance
+
+
+@njit(inline="always")
+def _first_key(pos, window):
+    """lo: the first key position a query at `pos` sees."""
+    return max(0, pos - window + 1) if window > 0 else 0
+
+
+@njit(inline="always")
+def _hsum8(x, i):
+    """hsum8 of the 8 lanes x[0 .. 7, i]: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    a0, a1 = x[0, i] + x[4, i], x[1, i] + x[5, i]
+    a2, a3 = x[2, i] + x[6, i], x[3, i] + x[7, i]
+    return (a0 + a2) + (a1 + a3)
+
+
+@njit(inline="always")
+def _scores(q16, k_cache, table, g, lo, pos, lanes, s):
+    """s[j - lo] = dot8(q16, K[key j]) for the keys j = lo .. pos (unscaled, float32).
+
+    lanes: float32[8, >= n] scratch: lane d mod 8 of each key, accumulated over d in order.
+    """
+    HD, BS = k_cache.shape[2], k_cache.shape[3]
+    n = pos - lo + 1
+    for L in range(LANES):
+        for j in range(n):
+            lanes[U(L), U(j)] = F32(0)
+    for i in range(lo // BS, pos // BS + 1):  # the pool blocks of the keys, in order
+        blk = table[i]
+        j0, j1 = max(lo - i * BS, 0), min(pos - i * BS + 1, BS)  # its slots in lo .. pos
+        col = i * BS - lo  # slot jj is column col + jj
+        for d in range(HD):
+            L, qd = d % LANES, q16[U(d)]
+            for jj in range(j0, j1):
+                lanes[U(L), U(col + jj)] = fma_f32(
+                    qd, k_cache[U(blk), U(g), U(d), U(jj)], lanes[U(L), U(col + jj)]
+                )
+    for j in range(n):
+        s[U(j)] = _hsum8(lanes, U(j))
+
+
+@njit(inline="always")
+def _probabilities(s, n, lo, scale, lanes):
+    """s[0 .. n-1] (scores of keys lo .. lo + n - 1) -> float16-rounded softmax(s * scale).
+
+    ggml_vec_soft_max_f32: groups of 8 by key position, each summed by hsum8 in float32,
+    the groups added in double; p = e * float(1 / sum). lanes: float32[8, >= 1] scratch.
+    """
+    top = F32(-np.inf)
+    for j in range(n):  # w = s * scale;  M = max w
+        s[U(j)] = s[U(j)] * scale
+        top = max(top, s[U(j)])
+    for j in range(n):
+        s[U(j)] = expf_ggml(s[U(j)] - top)
+    total = 0.0
+    pos = lo + n - 1
+    for c in range(lo // LANES, pos // LANES + 1):  # groups of 8 key positions, in order
+        for L in range(LANES):
+            key = c * LANES + L
+            lanes[U(L), 0] = s[U(key - lo)] if lo <= key <= pos else F32(0)
+        total += np.float64(_hsum8(lanes, 0))
+    inv = F32(1.0 / total)
+    for j in range(n):
+        s[U(j)] = round_f16(s[U(j)] * inv)
+
+
+@njit(inline="always")
+def _values(p16, v_cache, table, g, lo, pos, acc, out, t, h):
+    """out[t, h] = dot8 over the keys lo .. pos of p16 and V (lane: key position mod 8).
+
+    acc: float32[8, HD] scratch.
+    """
+    BS, HD = v_cache.shape[2], v_cache.shape[3]
+    for L in range(LANES):
+        for d in range(HD):
+            acc[U(L), U(d)] = F32(0)
+    for i in range(lo // BS, pos // BS + 1):
+        blk = table[i]
+        j0, j1 = max(lo - i * BS, 0), min(pos - i * BS + 1, BS)
+        for jj in range(j0, j1):
+            key = i * BS + jj
+            L, p = key % LANES, p16[U(key - lo)]
+            for d in range(HD):
+                acc[U(L), U(d)] = fma_f32(p, v_cache[U(blk), U(g), U(jj), U(d)], acc[U(L), U(d)])
+    for d in range(HD):
+        out[U(t), U(h), U(d)] = _hsum8(acc, U(d))
+
+
+@njit(inline="always")
+def _attend(q, k_cache, v_cache, table, t, g, pos, window, scale, out, q16, s, lanes, acc):
+    """out[t, h] for the G query heads h of kv head g of token t (one work item)."""
+    H, HD = q.shape[1], q.shape[2]
+    G = H // k_cache.shape[1]
+    lo = _first_key(pos, window)
+    for h in range(g * G, g * G + G):
+        for d in range(HD):
+            q16[U(d)] = round_f16(q[U(t), U(h), U(d)])
+        _scores(q16, k_cache, table, g, lo, pos, lanes, s)
+        _probabilities(s, pos - lo + 1, lo, scale, lanes)
+        _values(s, v_cache, table, g, lo, pos, acc, out, t, h)
+
+
+@njit(cache=True, parallel=True)
+def _attend_all(q, k_cache, v_cache, block_tables, seq_index, positions, window, scale, out):
+    T, _, HD = q.shape
+    KVH = k_cache.shape[1]
+    n_items = T * KVH  # (token, kv head) pairs
+    n_sets = max(1, min(n_items, MAX_SETS))
+    longest = 1  # the most keys any token sees
+    for t in range(T):
+        longest = max(longest, positions[t] - _first_key(positions[t], window) + 1)
+    q16 = np.empty((n_sets, HD), dtype=np.float32)  # per set: the float16-rounded query
+    s = np.empty((n_sets, longest), dtype=np.float32)  # scores, then probabilities
+    lanes = np.empty((n_sets, LANES, longest), dtype=np.float32)  # score lanes
+    acc = np.empty((n_sets, LANES, HD), dtype=np.float32)  # value lanes
+    for k in prange(n_sets):
+        for item in range(k, n_items, n_sets):  # round-robin: item i -> set i % n_sets
+            t, g = item // KVH, item % KVH
+            _attend(
+                q, k_cache, v_cache, block_tables[seq_index[t]], t, g, positions[t], window,
+                scale, out, q16[k], s[k], lanes[k], acc[k],
+            )  # fmt: skip
+
+
+@njit(cache=True)
+def paged_attention_ggml(q, k_cache, v_cache, block_tables, seq_index, positions, window, scale,
+                         out):  # fmt: skip
+    """out[t, h] = llama.cpp's (non-flash) attention of q[t, h] over its sequence's paged K/V.
+
+    Arguments as kernels.attention.paged_attention: q float32[T, H, HD] (RoPE applied, not
+    scaled), out float32[T, H, HD] (written); k_cache float32[n_blocks, KVH, HD, BS] and
+    v_cache float32[n_blocks, KVH, BS, HD] holding float16-rounded values; block_tables
+    int32[S, max_blocks]; seq_index, positions int32[T]; window (0: none); scale: kq_scale,
+    applied to the float32 score after the dot product (ggml.ops.kq_scale(HD) for
+    llama.cpp's models; Gemma 3 scales q before, and kq_scale is 1).
+    """
+    _attend_all(
+        q, k_cache, v_cache, block_tables, seq_index, positions, window, np.float32(scale), out
+    )
