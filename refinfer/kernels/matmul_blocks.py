@@ -330,6 +330,12 @@ def _decode_q3_k(builder, raw, table, o, ssse3):
 
 def _k4_scales_mins(builder, raw, offset, d, dmin):
     """(<8 x float> d * sc, <8 x float> dmin * m) from the 12 bytes of quant._k4_scales_mins."""
+    sc, m = _k4_six_bits(builder, raw, offset)
+    return _scales(builder, sc, d), _scales(builder, m, dmin)
+
+
+def _k4_six_bits(builder, raw, offset):
+    """(<8 x i8> sc, <8 x i8> m): the 6-bit scales and mins in the 12 bytes at raw[offset]."""
     b = _vec(builder, raw, offset, 12)
     top = ir.Constant(ir.VectorType(I8, 8), [0] * 4 + [6] * 4)  # sub-blocks 4-7: bits 6-7 on top
     keep = ir.Constant(ir.VectorType(I8, 8), [0x3F] * 4 + [0x0F] * 4)
@@ -343,7 +349,7 @@ def _k4_scales_mins(builder, raw, offset, d, dmin):
 
     sc = six_bits([0, 1, 2, 3, 8, 9, 10, 11], [0] * 8, [0, 1, 2, 3, 0, 1, 2, 3])
     m = six_bits([4, 5, 6, 7, 8, 9, 10, 11], [0] * 4 + [4] * 4, [4, 5, 6, 7, 4, 5, 6, 7])
-    return _scales(builder, sc, d), _scales(builder, m, dmin)
+    return sc, m
 
 
 # block_q4_K, 144 bytes:  | d: f16 | dmin: f16 | scales: uint8[12] | qs: uint8[128] |
@@ -412,9 +418,9 @@ def _decode_iq4_xs(builder, raw, table, o, ssse3):
 def _block_intrinsic(decode, fmt):
     """The block step for one format, as a Numba intrinsic.
 
-    _block(acc, raw, offset, row_bytes, table, x, x_offset, K, R, G), R and G literals:
+    _block(acc, raw, offset, row_bytes, table, x, x_offset, XK, R, G), R and G literals:
     row r's block starts at raw.flat[offset + r * row_bytes]; its weights are decoded once,
-    8 at a time (w_c = weights 8c .. 8c + 7); for token g < G (x_g = x.flat[x_offset + g * K:]):
+    8 at a time (w_c = weights 8c .. 8c + 7); for token g < G (x_g = x.flat[x_offset + g * XK:]):
         acc[r * G + g] = fma(w_c, x_g[8c : 8c + 8], acc[r * G + g])   for c = 0, 1, ... in order
     """
 
@@ -476,15 +482,19 @@ _block_iq4_xs = _block_intrinsic(_decode_iq4_xs, quant.IQ4_XS)
 
 
 @njit(inline="always")
-def _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, R, G):
-    """y[t0 : t0 + G, n0 : n0 + R] for a tile of R rows x G tokens; blocks of QK weights."""
+def _tile(block, block_bytes, XB, raw, n0, table, x, t0, y, acc, R, G):
+    """y[t0 : t0 + G, n0 : n0 + R] for a tile of R rows x G tokens.
+
+    Weight block b of a row is block_bytes at b * block_bytes; its part of a token's row
+    of x starts at b * XB (XB = the block's weights for float x; for the int8 kernels of
+    matmul_int8.py, x holds quantised activation blocks of XB bytes)."""
     for i in range(R * G):
         for lane in range(8):
             acc[U(i), U(lane)] = np.float32(0)
-    row_bytes = U(raw.shape[1])
-    for b in range(K // QK):
+    row_bytes, XK = U(raw.shape[1]), U(x.shape[1])
+    for b in range(raw.shape[1] // block_bytes):
         block(acc, raw, n0 * row_bytes + U(b * block_bytes), row_bytes, table,
-              x, U(t0) * U(K) + U(b * QK), U(K), R, G)  # fmt: skip
+              x, U(t0) * XK + U(b * XB), XK, R, G)  # fmt: skip
     for r in range(R):
         for g in range(G):
             i = U(r * G + g)
@@ -497,42 +507,41 @@ def _tile(block, block_bytes, QK, raw, n0, table, x, t0, K, y, acc, R, G):
 
 
 @njit(inline="always")
-def _row_quad(block, block_bytes, QK, x, raw, table, y, n0, t0, t1, acc):
+def _row_quad(block, block_bytes, XB, x, raw, table, y, n0, t0, t1, acc):
     """Rows n0 .. n0 + 3 against tokens t0 .. t1 - 1: tiles 1 x 8 (each row), then
     2 x 4, 2 x 2 (each pair of rows), and 4 x 1 for a last single token."""
-    K = x.shape[1]
     t = t0
     while t1 - t >= 8:
         for r in range(4):
-            _tile(block, block_bytes, QK, raw, n0 + U(r), table, x, t, K, y, acc, 1, 8)
+            _tile(block, block_bytes, XB, raw, n0 + U(r), table, x, t, y, acc, 1, 8)
         t += 8
     if t1 - t >= 4:
         for r in range(0, 4, 2):
-            _tile(block, block_bytes, QK, raw, n0 + U(r), table, x, t, K, y, acc, 2, 4)
+            _tile(block, block_bytes, XB, raw, n0 + U(r), table, x, t, y, acc, 2, 4)
         t += 4
     if t1 - t >= 2:
         for r in range(0, 4, 2):
-            _tile(block, block_bytes, QK, raw, n0 + U(r), table, x, t, K, y, acc, 2, 2)
+            _tile(block, block_bytes, XB, raw, n0 + U(r), table, x, t, y, acc, 2, 2)
         t += 2
     if t1 - t == 1:
-        _tile(block, block_bytes, QK, raw, n0, table, x, t, K, y, acc, 4, 1)
+        _tile(block, block_bytes, XB, raw, n0, table, x, t, y, acc, 4, 1)
 
 
 @njit(inline="always")
-def _last_row(block, block_bytes, QK, x, raw, table, y, n, acc):
+def _last_row(block, block_bytes, XB, x, raw, table, y, n, acc):
     """Row n alone (the last N % 4 rows): tiles 1 x 8, then 1 x 1."""
-    T, K = x.shape
+    T = x.shape[0]
     t0 = 0
     while T - t0 >= 8:
-        _tile(block, block_bytes, QK, raw, n, table, x, t0, K, y, acc, 1, 8)
+        _tile(block, block_bytes, XB, raw, n, table, x, t0, y, acc, 1, 8)
         t0 += 8
     while t0 < T:
-        _tile(block, block_bytes, QK, raw, n, table, x, t0, K, y, acc, 1, 1)
+        _tile(block, block_bytes, XB, raw, n, table, x, t0, y, acc, 1, 1)
         t0 += 1
 
 
 @njit(inline="always")
-def _matmul_blocks(block, block_bytes, QK, x, raws, table, ys):
+def _matmul_blocks(block, block_bytes, XB, x, raws, table, ys):
     """ys[i][T, N_i] = x[T, K] @ W_i[N_i, K]^T for every matrix W_i of `raws`, in one parallel
     region over (token block, 4 rows) units: token block 0 with W_0's quads of rows, then
     W_1's ..., then token block 1. A thread's units are consecutive, so it keeps its
@@ -547,12 +556,12 @@ def _matmul_blocks(block, block_bytes, QK, x, raws, table, ys):
         t1 = min(T, t0 + TOKEN_BLOCK)
         i, quad = _locate(quads, unit % n_quads)  # rows 4 quad .. 4 quad + 3 of matrix i
         acc = _stack_empty(8, 8)  # (R * G, 8 lanes): 8 ymm registers
-        _row_quad(block, block_bytes, QK, x, raws[i], table, ys[i], quad * U(4), t0, t1, acc)
+        _row_quad(block, block_bytes, XB, x, raws[i], table, ys[i], quad * U(4), t0, t1, acc)
     acc = _stack_empty(8, 8)
     for i in range(len(raws)):  # the last N % 4 rows of each matrix
         N = raws[i].shape[0]
         for n in range(N - N % 4, N):
-            _last_row(block, block_bytes, QK, x, raws[i], table, ys[i], U(n), acc)
+            _last_row(block, block_bytes, XB, x, raws[i], table, ys[i], U(n), acc)
 
 
 # x: float32[T, K] C-contiguous;  raws: a tuple of uint8[N_i, row_bytes];  table: F16_TO_F32;

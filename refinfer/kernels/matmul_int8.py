@@ -1,0 +1,504 @@
+"""The int8 matmul kernels of numerics="ggml": quantised activations times quantised weights.
+
+y[T, N] = x[T, K] @ W[N, K]^T as llama.cpp computes it (NumPy twin: refinfer/ggml/dot.py).
+First `quantize_activations` turns each token's x into 8-bit blocks of the weight
+format's activation type (ggml/quantize.py), laid out per block as
+
+    Q8_0 (36 bytes): | d: f32 | qs: int8[32] |
+    Q8_1 (40 bytes): | d: f32 | s: f32 | qs: int8[32] |
+    Q8_K (292 bytes): | d: f32 | qs: int8[256] | bsums: int16[16] |
+
+(d and s already rounded to f16 where ggml stores f16). Then the kernel of
+matmul_blocks.py runs with an integer block step: each weight block is decoded once
+into signed int8 codes (with integer sub-block scales), and for each token of the
+tile the codes are multiplied by the token's int8 activations in int32 lanes of 4
+products (exact), scaled by d * d_a into 8 float32 lanes with one FMA per block.
+The reduction order is therefore ggml's on AVX2, and it depends on nothing but K.
+
+The 4-product int32 lanes come from AVX2's vpmaddubsw + vpmaddwd (u8 x s8 -> i16
+pairs -> i32 quads, the sign moved onto the activation with vpsignb, so |code| <= 128
+and |q| <= 127 never saturate the i16 pairs) where the target has AVX2, and from
+portable LLVM IR (widen, multiply, add) elsewhere; the integers are the same, so the
+outputs are too (tests/test_matmul_int8.py compiles and compares both). This CPU
+(Zen 1) has no AVX-512 VNNI, so no path here uses vpdpbusd.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
+
+from refinfer import quant
+from refinfer.kernels.matmul_blocks import (
+    CACHE_LINE, F32, I8, I16, I32, I64, PREFETCH_BYTES, V8F, _const, _f16, _field, _has_ssse3,
+    _high_bits, _iq4, _k4_six_bits, _load, _matmul_blocks, _nibbles, _shuffle, _splat, _store,
+    _vec,
+)  # fmt: skip
+
+U = np.uint64
+V32I8, V16I16, V8I32, V16I32 = (
+    ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8), ir.VectorType(I32, 16)
+)  # fmt: skip
+
+# activation type -> bytes per block (the layout above)
+ACT_BLOCK_BYTES = {"q8_0": 36, "q8_1": 40, "q8_k": 292}
+PARALLEL_TOKENS = 16  # fewer tokens: quantise on one thread (as kernels/layer_ops.py)
+
+
+# ---- float32 -> float16 rounding (Numba has no float16) -------------------------------
+
+
+@intrinsic
+def _bits(typingctx, v):
+    """The uint32 bit pattern of float32 v."""
+    if v != types.float32:
+        return None
+    return types.uint32(v), lambda context, builder, sig, args: builder.bitcast(args[0], I32)
+
+
+@intrinsic
+def _float(typingctx, bits):
+    """The float32 of the uint32 bit pattern `bits`."""
+    if bits != types.uint32:
+        return None
+    return types.float32(bits), lambda context, builder, sig, args: builder.bitcast(args[0], F32)
+
+
+@njit(inline="always")
+def round_f16(v):
+    """The float16 nearest to float32 v (ties to even, overflow to inf), as float32.
+
+    Below 2^-14 float16 is subnormal with a fixed quantum of 2^-24: rint(v 2^24) 2^-24 is
+    exact arithmetic. Above, keep 10 of the 23 mantissa bits, rounding the other 13 to even.
+    """
+    a = abs(v)
+    if not a < np.float32(65520.0):  # rounds to inf (or is inf / nan)
+        return v * np.float32(np.inf) if a == a else v
+    if a < np.float32(2.0**-14):
+        return np.float32(np.rint(v * np.float32(2.0**24)) * np.float32(2.0**-24))
+    bits = _bits(v)
+    keep = (bits >> np.uint32(13)) & np.uint32(1)  # the last kept bit: ties go to even
+    return _float(np.uint32((bits + np.uint32(0x0FFF) + keep) & np.uint32(0xFFFFE000)))
+
+
+# ---- activation quantisers: x[T, K] -> blocks (ggml/quantize.py) -------------------------
+
+
+@njit(inline="always")
+def _q8_block(x, t, k0, out_q, q0):
+    """Q8_0 / Q8_1 of x[t, k0 : k0 + 32] into out_q[q0 :]: (d unrounded, sum of qs)."""
+    amax = np.float32(0)
+    for j in range(32):
+        amax = max(amax, abs(x[t, k0 + j]))
+    d = amax / np.float32(127)
+    inv = np.float32(127) / amax if amax != 0 else np.float32(0)
+    total = 0
+    for j in range(32):
+        q = np.int8(np.rint(x[t, k0 + j] * inv))  # halves to even
+        out_q[t, q0 + j] = q
+        total += q
+    return d, total
+
+
+@njit(inline="always")
+def _quantize_token(x, kind, out, t):
+    K = x.shape[1]
+    out_q, out_f, out_h = out.view(np.int8), out.view(np.float32), out.view(np.int16)
+    if kind == 0 or kind == 1:  # q8_0, q8_1
+        XB = 36 if kind == 0 else 40
+        for b in range(K // 32):
+            o = b * XB
+            d, total = _q8_block(x, t, b * 32, out_q, o + XB - 32)
+            out_f[t, o // 4] = round_f16(d)
+            if kind == 1:  # s = f16(d * sum q)
+                out_f[t, o // 4 + 1] = round_f16(d * np.float32(total))
+        return
+    for b in range(K // 256):  # q8_k
+        o, k0 = b * 292, b * 256
+        top, amax = np.float32(0), np.float32(0)
+        for j in range(256):
+            if abs(x[t, k0 + j]) > amax:  # the first of equal maxima
+                amax, top = abs(x[t, k0 + j]), x[t, k0 + j]
+        iscale = np.float32(-127) / top if amax != 0 else np.float32(0)
+        out_f[t, o // 4] = np.float32(1) / iscale if amax != 0 else np.float32(0)
+        for j in range(0, 256, 16):
+            s = 0
+            for i in range(j, j + 16):
+                q = min(127, int(np.rint(iscale * x[t, k0 + i])))
+                out_q[t, o + 4 + i] = q
+                s += q
+            out_h[t, (o + 260) // 2 + j // 16] = s
+
+
+@njit(cache=True)
+def _quantize_serial(x, kind, out):
+    for t in range(x.shape[0]):
+        _quantize_token(x, kind, out, t)
+
+
+@njit(cache=True, parallel=True)
+def _quantize_parallel(x, kind, out):
+    for t in prange(x.shape[0]):
+        _quantize_token(x, kind, out, t)
+
+
+_KIND = {"q8_0": 0, "q8_1": 1, "q8_k": 2}
+
+
+def quantize_activations(x: np.ndarray, act: str) -> np.ndarray:
+    """uint8[T, K / QK * block bytes]: x float32[T, K] (C-contiguous) as `act` blocks."""
+    qk = 256 if act == "q8_k" else 32
+    out = np.empty((x.shape[0], x.shape[1] // qk * ACT_BLOCK_BYTES[act]), np.uint8)
+    quantize = _quantize_parallel if len(x) >= PARALLEL_TOKENS else _quantize_serial
+    quantize(x, _KIND[act], out)
+    return out
+
+
+# ---- integer dot products of 32 codes with 32 activations --------------------------------
+
+
+def _intrinsic_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _dot4(builder, codes, qa, avx2):
+    """<8 x i32>: lane i = sum_{j = 4i .. 4i + 3} codes[j] * qa[j] (two <32 x i8>, exact)."""
+    if avx2:
+        negative = builder.icmp_signed("<", codes, _const(codes, 0))
+        magnitude = builder.select(negative, builder.sub(_const(codes, 0), codes), codes)
+        signed_qa = builder.call(
+            _intrinsic_fn(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8]), [qa, codes]
+        )  # qa * sign(code): the product's sign, on the operand that stays signed
+        pairs = builder.call(
+            _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8]),
+            [magnitude, signed_qa],
+        )  # <16 x i16>: |c| q' of lanes 2i, 2i + 1 added (at most 2 * 128 * 127: no saturation)
+        return builder.call(
+            _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16]),
+            [pairs, ir.Constant(V16I16, [1] * 16)],
+        )
+    wide = ir.VectorType(I16, 32)
+    products = builder.mul(builder.sext(codes, wide), builder.sext(qa, wide))  # |p| <= 16256
+    products = builder.sext(products, ir.VectorType(I32, 32))
+    lanes = [_shuffle(builder, products, [4 * i + j for i in range(8)]) for j in range(4)]
+    return builder.add(builder.add(lanes[0], lanes[1]), builder.add(lanes[2], lanes[3]))
+
+
+def _has_avx2(context):
+    """Whether the code being compiled may use AVX2 (Numba's target features)."""
+    return "+avx2" in context.codegen()._tm_features.split(",")
+
+
+# ---- one decoder per weight format: a block as integer codes -----------------------------
+
+
+class IntBlock(NamedTuple):
+    """A weight block as IR values: w = d * scale * code (- dmin * min) (+ m); see ggml/dot.py."""
+
+    d: ir.Value  # float
+    chunks: list  # per 32 weights: (codes <32 x i8>, lane scales <8 x i32> or None)
+    dmin: ir.Value | None = None  # float: K-quants with mins
+    mins: ir.Value | None = None  # <16 x i32>: the min of each 16 weights
+    m: ir.Value | None = None  # float: Q4_1 / Q5_1's offset
+
+
+def _at(builder, o, n):
+    return builder.add(o, I64(n))
+
+
+def _lane_scales(builder, scales, first, second, signed):
+    """<8 x i32>: lanes 0-3 = scales[first], lanes 4-7 = scales[second] (widened)."""
+    picked = _shuffle(builder, scales, [first] * 4 + [second] * 4)
+    return (builder.sext if signed else builder.zext)(picked, V8I32)
+
+
+def _int_q8_0(builder, raw, table, o, ssse3):
+    return IntBlock(_f16(builder, raw, table, o), [(_vec(builder, raw, _at(builder, o, 2), 32), None)])
+
+
+def _int_q4_0(builder, raw, table, o, ssse3):
+    q = _nibbles(builder, _vec(builder, raw, _at(builder, o, 2), 16))
+    return IntBlock(_f16(builder, raw, table, o), [(builder.sub(q, _const(q, 8)), None)])
+
+
+def _int_q5_0(builder, raw, table, o, ssse3):
+    high = _high_bits(builder, raw, _at(builder, o, 2))
+    q = _nibbles(builder, _vec(builder, raw, _at(builder, o, 6), 16))
+    q = builder.or_(q, builder.shl(high, _const(high, 4)))
+    return IntBlock(_f16(builder, raw, table, o), [(builder.sub(q, _const(q, 16)), None)])
+
+
+def _int_q4_1(builder, raw, table, o, ssse3):
+    q = _nibbles(builder, _vec(builder, raw, _at(builder, o, 4), 16))
+    d, m = _f16(builder, raw, table, o), _f16(builder, raw, table, _at(builder, o, 2))
+    return IntBlock(d, [(q, None)], m=m)
+
+
+def _int_q5_1(builder, raw, table, o, ssse3):
+    high = _high_bits(builder, raw, _at(builder, o, 4))
+    q = _nibbles(builder, _vec(builder, raw, _at(builder, o, 8), 16))
+    q = builder.or_(q, builder.shl(high, _const(high, 4)))
+    d, m = _f16(builder, raw, table, o), _f16(builder, raw, table, _at(builder, o, 2))
+    return IntBlock(d, [(q, None)], m=m)
+
+
+def _int_iq4_nl(builder, raw, table, o, ssse3):
+    codes = _iq4(builder, raw, _at(builder, o, 2), ssse3)
+    return IntBlock(_f16(builder, raw, table, o), [(codes, None)])
+
+
+def _int_q2_k(builder, raw, table, o, ssse3):
+    # weight 128 h + 32 s + l = bits 2s of qs[32 h + l]; 32-chunk c = 4 h + s: sub-blocks 2c, 2c+1
+    b = _vec(builder, raw, o, 16)
+    sc, mins = _field(builder, b, 0, 0xF), _field(builder, b, 4, 0xF)
+    chunks = []
+    for c in range(8):
+        qs = _vec(builder, raw, _at(builder, o, 16 + 32 * (c // 4)), 32)
+        chunks.append((_field(builder, qs, 2 * (c % 4), 3),
+                       _lane_scales(builder, sc, 2 * c, 2 * c + 1, signed=False)))  # fmt: skip
+    return IntBlock(_f16(builder, raw, table, _at(builder, o, 80)), chunks,
+                    dmin=_f16(builder, raw, table, _at(builder, o, 82)),
+                    mins=builder.zext(mins, V16I32))  # fmt: skip
+
+
+def _int_q3_k(builder, raw, table, o, ssse3):
+    # code = low 2 bits - 4 unless the hmask bit is set; 6-bit scales as quant._q3_k_scales
+    b = _vec(builder, raw, _at(builder, o, 96), 12)
+    low = _field(builder, _shuffle(builder, b, [i % 8 for i in range(16)]), [0] * 8 + [4] * 8, 0xF)
+    high = _field(builder, _shuffle(builder, b, [8 + i % 4 for i in range(16)]),
+                  [2 * (i // 4) for i in range(16)], 3)  # fmt: skip
+    sc = builder.sub(builder.or_(low, builder.shl(high, _const(high, 4))), _const(low, 32))
+    hmask = _vec(builder, raw, o, 32)
+    chunks = []
+    for c in range(8):
+        h, s = c // 4, c % 4
+        q = _field(builder, _vec(builder, raw, _at(builder, o, 32 + 32 * h), 32), 2 * s, 3)
+        q = builder.or_(q, builder.shl(_field(builder, hmask, 4 * h + s, 1), _const(q, 2)))
+        chunks.append((builder.sub(q, _const(q, 4)),
+                       _lane_scales(builder, sc, 2 * c, 2 * c + 1, signed=True)))  # fmt: skip
+    return IntBlock(_f16(builder, raw, table, _at(builder, o, 108)), chunks)
+
+
+def _int_q45_k(builder, raw, table, o, qh_offset):
+    """Q4_K (qh_offset None) or Q5_K: sub-block c = nibble c % 2 of qs[32 (c // 2) :] (| qh bit c)."""
+    sc, mins = _k4_six_bits(builder, raw, _at(builder, o, 4))
+    qs_offset = 16 if qh_offset is None else 48
+    chunks = []
+    for c in range(8):
+        qs = _vec(builder, raw, _at(builder, o, qs_offset + 32 * (c // 2)), 32)
+        q = _field(builder, qs, 4 * (c % 2), 0xF)
+        if qh_offset is not None:
+            qh = _vec(builder, raw, _at(builder, o, qh_offset), 32)
+            q = builder.or_(q, builder.shl(_field(builder, qh, c, 1), _const(q, 4)))
+        chunks.append((q, _lane_scales(builder, sc, c, c, signed=False)))
+    mins16 = builder.zext(_shuffle(builder, mins, [i // 2 for i in range(16)]), V16I32)
+    return IntBlock(_f16(builder, raw, table, o), chunks,
+                    dmin=_f16(builder, raw, table, _at(builder, o, 2)), mins=mins16)  # fmt: skip
+
+
+def _int_q4_k(builder, raw, table, o, ssse3):
+    return _int_q45_k(builder, raw, table, o, None)
+
+
+def _int_q5_k(builder, raw, table, o, ssse3):
+    return _int_q45_k(builder, raw, table, o, 16)
+
+
+def _int_q6_k(builder, raw, table, o, ssse3):
+    # weight 128 h + 32 s + l: low 4 bits of ql[64 h + 32 (s % 2) + l] >> 4 (s // 2),
+    # high 2 of qh[32 h + l] >> 2 s;  code = q - 32;  int8 scales per 16 weights
+    sc = _vec(builder, raw, _at(builder, o, 192), 16)
+    chunks = []
+    for c in range(8):
+        h, s = c // 4, c % 4
+        ql = _vec(builder, raw, _at(builder, o, 64 * h + 32 * (s % 2)), 32)
+        qh = _vec(builder, raw, _at(builder, o, 128 + 32 * h), 32)
+        q = builder.or_(_field(builder, ql, 4 * (s // 2), 0xF),
+                        builder.shl(_field(builder, qh, 2 * s, 3), _const(ql, 4)))  # fmt: skip
+        chunks.append((builder.sub(q, _const(q, 32)),
+                       _lane_scales(builder, sc, 2 * c, 2 * c + 1, signed=True)))  # fmt: skip
+    return IntBlock(_f16(builder, raw, table, _at(builder, o, 208)), chunks)
+
+
+def _int_iq4_xs(builder, raw, table, o, ssse3):
+    b = _vec(builder, raw, _at(builder, o, 2), 8)  # scales_h (2 bytes), scales_l (4)
+    low = _field(builder, _shuffle(builder, b, [2 + i // 2 for i in range(8)]), [0, 4] * 4, 0xF)
+    high = _field(builder, _shuffle(builder, b, [i // 4 for i in range(8)]),
+                  [2 * (i % 4) for i in range(8)], 3)  # fmt: skip
+    ls = builder.sub(builder.or_(low, builder.shl(high, _const(high, 4))), _const(low, 32))
+    chunks = [(_iq4(builder, raw, _at(builder, o, 8 + 16 * i), ssse3),
+               _lane_scales(builder, ls, i, i, signed=True)) for i in range(8)]  # fmt: skip
+    return IntBlock(_f16(builder, raw, table, o), chunks)
+
+
+# ---- the block step ----------------------------------------------------------------------
+
+
+def _act_fields(builder, x_p, xo, act, n_chunks):
+    """(d_a, s_a or None, [<32 x i8> per chunk], <16 x i32> bsums or None) of a token's block."""
+    d_a = _load(builder, x_p, xo, F32)
+    s_a = _load(builder, x_p, _at(builder, xo, 4), F32) if act == "q8_1" else None
+    q0 = 8 if act == "q8_1" else 4
+    qa = [_load(builder, x_p, _at(builder, xo, q0 + 32 * c), V32I8) for c in range(n_chunks)]
+    bsums = None
+    if act == "q8_k":
+        bsums = builder.sext(_load(builder, x_p, _at(builder, xo, 260), ir.VectorType(I16, 16)), V16I32)
+    return d_a, s_a, qa, bsums
+
+
+def _int_block_intrinsic(decode, fmt, act):
+    """The integer block step of one weight format, with the signature of
+    matmul_blocks._block_intrinsic: for each row r and token g of the tile,
+        acc[r G + g] = fma(d * d_a, float(sum over chunks of lanes * scales), acc[r G + g])
+    then lane 0 takes the block's min (K-quants) or offset (Q4_1 / Q5_1) term (ggml/dot.py)."""
+
+    def typer(typingctx, acc, raw, offset, row_bytes, table, x, x_offset, XK, R, G):
+        if not (isinstance(R, types.IntegerLiteral) and isinstance(G, types.IntegerLiteral)):
+            return None
+        n_rows, n_tokens = R.literal_value, G.literal_value
+
+        def codegen(context, builder, sig, args):
+            acc_p, raw_p, table_p, x_p = (
+                make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 4, 5)
+            )
+            offset, row_bytes, x_offset, XK = args[2], args[3], args[6], args[7]
+            ssse3, avx2 = _has_ssse3(context), _has_avx2(context)
+            fma = _intrinsic_fn(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
+            fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
+            reduce_add = _intrinsic_fn(builder, "llvm.vector.reduce.add.v16i32", I32, [V16I32])
+            prefetch = _intrinsic_fn(builder, "llvm.prefetch.p0", ir.VoidType(),
+                                     [I8.as_pointer(), I32, I32, I32])  # fmt: skip
+            blocks = []
+            for r in range(n_rows):
+                o = builder.add(offset, builder.mul(row_bytes, I64(r)))
+                for line in range(0, fmt.type_size, CACHE_LINE):
+                    ahead = builder.gep(raw_p, [builder.add(o, I64(PREFETCH_BYTES + line))])
+                    builder.call(prefetch, [ahead, I32(0), I32(3), I32(1)])
+                blocks.append(decode(builder, raw_p, table_p, o, ssse3))
+            x_p8 = builder.bitcast(x_p, I8.as_pointer())
+            for g in range(n_tokens):
+                xo = builder.add(x_offset, builder.mul(XK, I64(g)))
+                d_a, s_a, qa, bsums = _act_fields(builder, x_p8, xo, act, len(blocks[0].chunks))
+                for r, blk in enumerate(blocks):
+                    sumi = None
+                    for (codes, scales), q in zip(blk.chunks, qa, strict=True):
+                        lanes = _dot4(builder, codes, q, avx2)
+                        if scales is not None:
+                            lanes = builder.mul(lanes, scales)
+                        sumi = lanes if sumi is None else builder.add(sumi, lanes)
+                    slot = I64(8 * (r * n_tokens + g))
+                    a = _load(builder, acc_p, slot, V8F)
+                    dd = _splat(builder, builder.fmul(blk.d, d_a))
+                    a = builder.call(fma, [dd, builder.sitofp(sumi, V8F), a])
+                    if blk.mins is not None:  # lane 0 += -(d_a dmin) sum_i m_i bsum_i
+                        total = builder.call(reduce_add, [builder.mul(blk.mins, bsums)])
+                        coef = builder.fneg(builder.fmul(d_a, blk.dmin))
+                        lane0 = builder.extract_element(a, I32(0))
+                        lane0 = builder.call(fma1, [coef, builder.sitofp(total, F32), lane0])
+                        a = builder.insert_element(a, lane0, I32(0))
+                    if blk.m is not None:  # lane 0 += m s_a
+                        lane0 = builder.call(fma1, [blk.m, s_a, builder.extract_element(a, I32(0))])
+                        a = builder.insert_element(a, lane0, I32(0))
+                    _store(builder, a, acc_p, slot)
+            return context.get_dummy_value()
+
+        return types.none(acc, raw, offset, row_bytes, table, x, x_offset, XK, R, G), codegen
+
+    return intrinsic(typer)
+
+
+_dot_q8_0 = _int_block_intrinsic(_int_q8_0, quant.Q8_0, "q8_0")
+_dot_q4_0 = _int_block_intrinsic(_int_q4_0, quant.Q4_0, "q8_0")
+_dot_q5_0 = _int_block_intrinsic(_int_q5_0, quant.Q5_0, "q8_0")
+_dot_iq4_nl = _int_block_intrinsic(_int_iq4_nl, quant.IQ4_NL, "q8_0")
+_dot_q4_1 = _int_block_intrinsic(_int_q4_1, quant.Q4_1, "q8_1")
+_dot_q5_1 = _int_block_intrinsic(_int_q5_1, quant.Q5_1, "q8_1")
+_dot_q2_k = _int_block_intrinsic(_int_q2_k, quant.Q2_K, "q8_k")
+_dot_q3_k = _int_block_intrinsic(_int_q3_k, quant.Q3_K, "q8_k")
+_dot_q4_k = _int_block_intrinsic(_int_q4_k, quant.Q4_K, "q8_k")
+_dot_q5_k = _int_block_intrinsic(_int_q5_k, quant.Q5_K, "q8_k")
+_dot_q6_k = _int_block_intrinsic(_int_q6_k, quant.Q6_K, "q8_k")
+_dot_iq4_xs = _int_block_intrinsic(_int_iq4_xs, quant.IQ4_XS, "q8_k")
+
+
+# xq: uint8[T, K / QK * act bytes] from quantize_activations;  raws: a tuple of uint8[N_i,
+# row_bytes];  table: F16_TO_F32;  ys: a tuple of float32[T, N_i], written. One entry point per
+# weight format (Numba caches a function by its name): weight block bytes, act block bytes.
+
+
+@njit(cache=True, parallel=True)
+def matmul_q8_0(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q8_0, x as Q8_0."""
+    _matmul_blocks(_dot_q8_0, 34, 36, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q4_0(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_0, x as Q8_0."""
+    _matmul_blocks(_dot_q4_0, 18, 36, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q5_0(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_0, x as Q8_0."""
+    _matmul_blocks(_dot_q5_0, 22, 36, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_iq4_nl(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_iq4_nl, x as Q8_0."""
+    _matmul_blocks(_dot_iq4_nl, 18, 36, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q4_1(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_1, x as Q8_1."""
+    _matmul_blocks(_dot_q4_1, 20, 40, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q5_1(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_1, x as Q8_1."""
+    _matmul_blocks(_dot_q5_1, 24, 40, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q2_k(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q2_K, x as Q8_K."""
+    _matmul_blocks(_dot_q2_k, 84, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q3_k(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q3_K, x as Q8_K."""
+    _matmul_blocks(_dot_q3_k, 110, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q4_k(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_K, x as Q8_K."""
+    _matmul_blocks(_dot_q4_k, 144, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q5_k(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_K, x as Q8_K."""
+    _matmul_blocks(_dot_q5_k, 176, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q6_k(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q6_K, x as Q8_K."""
+    _matmul_blocks(_dot_q6_k, 210, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_iq4_xs(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_iq4_xs, x as Q8_K."""
+    _matmul_blocks(_dot_iq4_xs, 136, 292, xq, raws, table, ys)
