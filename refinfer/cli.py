@@ -136,15 +136,32 @@ def _set_threads(n: int) -> None:
         govern(most)
 
 
-def _load_model(path: str | None):
-    """Load a model (the default SmolLM2 without a path), announcing a first-use compile."""
+NUMERICS_HELP = (
+    "the arithmetic, fixed at load: exact (default) multiplies float32 activations by exactly "
+    "the dequantised weights, the math of the float64 reference; ggml is llama.cpp's "
+    "arithmetic: 8-bit activations, integer dot products, f16 K/V; pick it for comparing "
+    "against llama.cpp / ggml-based engines. Oracle files and reports record it (README, "
+    "Numerics)"
+)
+
+
+def add_numerics_argument(parser: argparse.ArgumentParser) -> None:
+    """--numerics {exact,ggml}: the arithmetic the model is loaded with (model.NUMERICS)."""
+    from refinfer.model import NUMERICS
+
+    parser.add_argument("--numerics", choices=NUMERICS, default="exact", help=NUMERICS_HELP)
+
+
+def _load_model(args: argparse.Namespace):
+    """The model of args.model (the default SmolLM2 without one) in args.numerics, announcing
+    a first-use compile: every command that runs a model loads it here."""
     from refinfer.kernels import compiled_cache_present
     from refinfer.model import load
 
     if not compiled_cache_present():
         print("refinfer: compiling the kernels for first use (20-60 s, once; cached after)",
               file=sys.stderr)  # fmt: skip
-    return load(_model_arg(path))
+    return load(_model_arg(args.model), numerics=args.numerics)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -157,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     start = time.perf_counter()
-    model = _load_model(args.model)
+    model = _load_model(args)
     load_seconds = time.perf_counter() - start
     prompt = args.prompt
     if args.chat:
@@ -180,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"prefill {s.prefill_tokens_per_second:.1f} tok/s, decode "
         f"{s.decode_tokens_per_second:.1f} tok/s, time to first token "
         f"{s.time_to_first_token:.2f} s; model loaded in {load_seconds:.2f} s "
-        f"({numba.get_num_threads()} threads)",
+        f"({numba.get_num_threads()} threads, numerics {model.numerics})",
         file=sys.stderr,
     )
     if s.compile_seconds:
@@ -210,7 +227,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RefinferError(f"{args.text}: cannot read the calibration text ({e})") from e
-    model = _load_model(args.model)
+    model = _load_model(args)
     ids = model.tokenizer.encode(text)[: args.tokens]
     progress = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     result = calibrate(model, ids, draft_k=args.draft_k, progress=progress)
@@ -289,7 +306,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             f"above); fix them, or pass --on-error skip to run the others"
         )
     _set_threads(args.threads)
-    model = _load_model(args.model)
+    model = _load_model(args)
     engine = Engine(model, max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step,
                     kv_blocks=args.kv_blocks, prefix_caching=not args.no_prefix_cache)  # fmt: skip
     line_of = {engine.add_request(r): n for n, r in requests}
@@ -331,7 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             "pip install 'refinfer[server]'") from None  # fmt: skip
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
           threads=args.threads, max_queue=args.max_queue, max_seqs=args.max_seqs,
-          kv_blocks=args.kv_blocks)  # fmt: skip
+          kv_blocks=args.kv_blocks, numerics=args.numerics)  # fmt: skip
     return 0
 
 
@@ -344,7 +361,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed)  # fmt: skip
-    run(Chat(_load_model(args.model), system=args.system, params=params, max_tokens=args.n))
+    run(Chat(_load_model(args), system=args.system, params=params, max_tokens=args.n))
     return 0
 
 
@@ -433,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(gen, temperature=0.0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_numerics_argument(gen)
     acc = gen.add_argument_group(
         "accelerated decoding",
         "Every strategy emits exactly the tokens of plain decoding when greedy, and samples "
@@ -471,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--draft-k", type=int, default=5, help="tokens drafted per step (default 5)")
     cal.add_argument("--output", metavar="FILE.json", help="default: beside the model")
     cal.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_numerics_argument(cal)
     cal.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     cal.set_defaults(run=cmd_calibrate)
 
@@ -504,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="malformed lines: run the others and report them as errors (skip, "
                      "default), or stop before running anything (fail)")  # fmt: skip
     bat.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_numerics_argument(bat)
     bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bat.set_defaults(run=cmd_batch)
 
@@ -514,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
         "GET /health, /v1/models and /metrics (Prometheus), POST /v1/completions and "
         "/v1/chat/completions (stream, max_tokens, temperature, top_p, seed, stop, logprobs; "
         "refinfer's top_k, min_p and repetition_penalty). Requests join the running batch as "
-        "they arrive; each gets exactly the tokens it would get alone. Needs the server "
-        "extra: pip install 'refinfer[server]'.",
+        "they arrive; each gets exactly the tokens it would get alone. /health and "
+        "/v1/models give the --numerics served. Needs the server extra: pip install "
+        "'refinfer[server]'.",
         epilog="Example: refinfer serve --port 8080, then point the openai client at "
         "http://127.0.0.1:8080/v1",
     )
@@ -530,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-blocks", type=int, default=512,
                      help="KV pool size in blocks of 16 tokens (512)")  # fmt: skip
     srv.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_numerics_argument(srv)
     srv.set_defaults(run=cmd_serve)
 
     chat = sub.add_parser(
@@ -547,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens per reply at most (default: to the context's end)")  # fmt: skip
     _add_sampling_arguments(chat, temperature=0.7)
     chat.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_numerics_argument(chat)
     chat.set_defaults(run=cmd_chat)
     oracle_commands.add_parsers(sub)
     return parser

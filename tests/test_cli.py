@@ -14,7 +14,9 @@ import pytest
 from gguf_factory import tiny_tensors, write_tiny_model
 from refinfer import quant
 from refinfer.cli import main
+from refinfer.errors import RefinferError
 from refinfer.gguf import read_gguf
+from refinfer.oracle.kld_file import KLDBaseWriter
 
 
 def run_cli(*args: str, exe: tuple[str, ...] = (sys.executable, "-m", "refinfer")):
@@ -200,3 +202,65 @@ def test_calibrate_writes_layers_that_generate_uses(tiny_speaking_smollm2: Path)
     fast = run_cli("generate", "--model", str(model), "--prompt", prompt, "-n", "8",
                    "--decoding", "self-speculative")  # fmt: skip
     assert fast[0] == 0 and fast[1] == plain[1] and "self-speculative:" in fast[2]
+
+
+# -- --numerics: every command that runs a model loads it with the numerics asked for --------
+
+
+def _numerics_inputs(tmp: Path, model: Path) -> dict[str, list[str]]:
+    """The arguments of each model-running command, with whatever it reads before loading."""
+    text = tmp / "text.txt"
+    text.write_text("The capital of France is Paris. " * 4)
+    requests = tmp / "in.jsonl"
+    requests.write_text('{"prompt": "Hi"}\n')
+    base = tmp / "base.kld"  # a valid llama.cpp KLD base file: 1 chunk of 8 tokens, V = 4
+    with KLDBaseWriter(base, 8, 4, np.arange(8, dtype=np.int32) % 4) as w:
+        w.write_chunk(np.zeros((3, 4), np.float32))
+    m, out, kld = str(model), str(tmp / "out.npz"), [str(base), "--kl-divergence"]
+    return {
+        "generate": ["generate", "--model", m, "--prompt", "Hi"],
+        "chat": ["chat", "--model", m],
+        "calibrate": ["calibrate", m, "--text", str(text)],
+        "batch": ["batch", "--model", m, "--input", str(requests), "--output", str(tmp / "o")],
+        "serve": ["serve", "--model", m],
+        "logits": ["logits", m, "--ids", "1,2", "-o", out],
+        "trace": ["trace", m, "--ids", "1,2", "-o", out],
+        "perplexity": ["perplexity", m, "-f", str(text), "-c", "8"],
+        "perplexity --kl-divergence": ["perplexity", m, "--kl-divergence-base", *kld],
+    }
+
+
+@pytest.mark.parametrize("numerics", [None, "exact", "ggml"])
+@pytest.mark.parametrize(
+    "command",
+    ["generate", "chat", "calibrate", "batch", "serve", "logits", "trace", "perplexity",
+     "perplexity --kl-divergence"],
+)  # fmt: skip
+def test_every_model_command_loads_with_its_numerics(
+    command: str, numerics: str | None, tiny_f32: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    calls = []
+
+    def load(path=None, numerics="exact"):  # refinfer.model.load, stopped once it is called
+        calls.append(numerics)
+        raise RefinferError("stopped at load")
+
+    monkeypatch.setattr("refinfer.model.load", load)
+    args = _numerics_inputs(tmp_path, tiny_f32)[command]
+    assert main([*args, *(["--numerics", numerics] if numerics else [])]) == 2
+    assert "stopped at load" in capsys.readouterr().err  # not stopped by anything else
+    assert calls == [numerics or "exact"]
+
+
+@pytest.mark.parametrize("command", ["generate", "logits", "perplexity", "serve"])
+def test_bogus_numerics_is_status_2_naming_the_choices(command: str) -> None:
+    status, out, err = run_cli(command, "--numerics", "bogus")
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert "argument --numerics: invalid choice: 'bogus' (choose from" in err.splitlines()[-1]
+    assert "exact" in err.splitlines()[-1] and "ggml" in err.splitlines()[-1]
+
+
+def test_numerics_help_says_what_ggml_is_for() -> None:
+    status, out, _ = run_cli("generate", "--help")
+    assert status == 0 and "--numerics {exact,ggml}" in out
+    assert "8-bit activations" in " ".join(out.split()) and "llama.cpp" in out

@@ -92,13 +92,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def test_health_models_and_metrics(http: httpx.Client, url: str) -> None:
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # no key needed
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "numerics": "exact"}  # no key
     (card,) = http.get("/v1/models").json()["data"]
-    assert card["id"] == "m" and card["object"] == "model"
+    assert card["id"] == "m" and card["object"] == "model" and card["numerics"] == "exact"
     names = {"requests_running", "requests_waiting", "generation_tokens_per_second",
              "kv_utilisation", "kv_blocks_used_ratio", "prefix_cache_hit_rate",
              "preemptions_total"}  # fmt: skip
     assert {f"refinfer_{n}" for n in names} <= set(metrics(http))
+
+
+def test_health_and_models_give_the_numerics(tiny_speaking_smollm2: Path) -> None:
+    app = create_app(load(tiny_speaking_smollm2, numerics="ggml"), threads=1, max_seqs=1)
+    with serving(app) as base:
+        assert httpx.get(f"{base}/health").json() == {"status": "ok", "numerics": "ggml"}
+        (card,) = httpx.get(f"{base}/v1/models").json()["data"]
+    assert card["numerics"] == "ggml"
 
 
 REQUESTS = [  # (chat?, extra parameters) for 16 concurrent clients

@@ -14,6 +14,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from refinfer.cli import add_numerics_argument
 from refinfer.errors import InvalidParameterError, RefinferError
 from refinfer.oracle.compare import TOLERANCE_MODEL
 
@@ -48,14 +49,27 @@ def _progress(total: int, quiet: bool, unit: str):
 
 @contextmanager
 def _workers(args: argparse.Namespace, model):
-    """With --ray SPEC, a distributed.WorkerPool of the model for the duration; else None."""
+    """With --ray SPEC, a distributed.WorkerPool of the model (its file and numerics) for the
+    duration; else None."""
     if not args.ray:
         yield None
         return
     from refinfer.oracle import distributed
 
-    with distributed.cluster(args.ray), distributed.WorkerPool(model.path, args.threads or 1) as w:
+    with (
+        distributed.cluster(args.ray),
+        distributed.WorkerPool(model.path, args.threads or 1, model.numerics) as w,
+    ):
         yield w
+
+
+def _check_reference_numerics(args: argparse.Namespace) -> None:
+    """--reference is reference.py's float64 math, the oracle of the exact numerics only."""
+    if args.reference and args.numerics != "exact":
+        raise InvalidParameterError(
+            f"--reference computes reference.py's float64 math, which has no {args.numerics} "
+            f"numerics; drop --reference, or --numerics {args.numerics}"
+        )
 
 
 def cmd_logits(args: argparse.Namespace) -> int:
@@ -65,15 +79,17 @@ def cmd_logits(args: argparse.Namespace) -> int:
 
     if args.ray and not args.ctx_size:
         raise InvalidParameterError("--ray shards a corpus cut into sequences: add -c N_CTX")
+    _check_reference_numerics(args)
     _set_threads(args.threads)
-    model = _load_model(args.model)
+    model = _load_model(args)
     ids = _input_ids(args, model)
     with _workers(args, model) as workers:
         f = logits_file(model, ids, args.reference, args.ctx_size, workers)
     f.save(args.output)
     print(
         f"wrote {args.output}: {len(f.ids)} positions x {f.arrays['logits'].shape[1]} logits "
-        f"({f.arrays['logits'].dtype}, {f.provenance['computed_by']})",
+        f"({f.arrays['logits'].dtype}, {f.provenance['computed_by']}, numerics "
+        f"{f.provenance['numerics']})",
         file=sys.stderr,
     )
     return 0
@@ -84,14 +100,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from refinfer.cli import _load_model, _set_threads
     from refinfer.oracle.trace import trace_file
 
+    _check_reference_numerics(args)
     _set_threads(args.threads)
-    model = _load_model(args.model)
+    model = _load_model(args)
     names = args.names.split(",") if args.names else None
     f = trace_file(model, _input_ids(args, model), names, reference=args.reference)
     f.save(args.output)
     print(
         f"wrote {args.output}: {len(f.arrays)} tensors of {len(f.ids)} positions "
-        f"({f.provenance['computed_by']})",
+        f"({f.provenance['computed_by']}, numerics {f.provenance['numerics']})",
         file=sys.stderr,
     )
     return 0
@@ -120,6 +137,20 @@ def _report(report: dict, text: str, problems: list[str], as_json: bool) -> int:
     return EXIT_TOLERANCE_FAILED if problems else 0
 
 
+def _check_numerics(args: argparse.Namespace, a: dict, b: dict) -> None:
+    """Refuse files of different numerics (each side's provenance) without
+    --allow-mixed-numerics; a side that does not record it (a KLD file) is not checked."""
+    from refinfer.oracle.compare import numerics_of
+
+    na, nb = numerics_of(a), numerics_of(b)
+    if na and nb and na != nb and not args.allow_mixed_numerics:
+        raise InvalidParameterError(
+            f"{args.a} was computed with numerics {na} and {args.b} with {nb}, so the figures "
+            "would measure the arithmetic as well as the engine; compare files of one "
+            "numerics, or pass --allow-mixed-numerics"
+        )
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare two logits files (or llama.cpp KLD base files), or two trace files."""
     from refinfer.oracle import compare, files, kld_file
@@ -133,12 +164,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if any(traces):
         if not all(traces):
             raise InvalidParameterError("compare a trace file with another trace file")
-        r = compare.compare_traces(files.read(args.a), files.read(args.b), tol)
+        fa, fb = files.read(args.a), files.read(args.b)
+        _check_numerics(args, fa.provenance, fb.provenance)
+        r = compare.compare_traces(fa, fb, tol)
         bad = compare.trace_failure(r)
         return _report(r, compare.format_trace_report(r), [bad] if bad else [], args.json)
     a, b = compare.open_rows(args.a), compare.open_rows(args.b)
+    _check_numerics(args, a.provenance, b.provenance)
     r = compare.compare_rows(a, b, top_k=args.top_k or 5)
     return _report(r, compare.format_rows_report(r), compare.failures(r, tol, a.ids), args.json)
+
+
+def _print_numerics(model, base: str | None) -> None:
+    """The numerics of the model measured, on stderr: a KLD base file, byte for byte
+    llama.cpp's format, has no place to record it."""
+    note = f"; {base}, in llama.cpp's format, records no numerics" if base else ""
+    print(f"numerics {model.numerics} ({model.path.name}){note}", file=sys.stderr)
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -154,12 +195,12 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.kl_divergence:
         n_chunk = kld_file.read(args.kl_divergence_base).n_chunk  # bad files fail before loading
-        model = _load_model(args.model)
+        model = _load_model(args)
         with _workers(args, model) as workers, _progress(n_chunk, args.quiet, "chunk") as bar:
             report = perplexity.kl_divergence(
                 model, args.kl_divergence_base, args.batch_size, bar.update, workers
             )
-        s = report.summary()
+        s = report.summary() | {"numerics": model.numerics}
         if args.json:
             print(json.dumps(s))
         elif s["positions"] < MIN_POSITIONS:
@@ -170,8 +211,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             )
         else:
             print(format_summary(s))
+        _print_numerics(model, args.kl_divergence_base)
         return 0
-    model = _load_model(args.model)
+    model = _load_model(args)
     ids = model.tokenizer.encode(_read_text(args.file))
     n_chunk = perplexity.chunk_tokens(ids, args.ctx_size, args.chunks).shape[0]
     with _workers(args, model) as workers, _progress(n_chunk, args.quiet, "chunk") as bar:
@@ -184,7 +226,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             args.kl_divergence_base,
             bar.update,
             workers,
-        )
+        ) | {"numerics": model.numerics}
     if args.json:
         print(json.dumps(r))
     else:
@@ -196,6 +238,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             f"{args.ctx_size}",
             file=sys.stderr,
         )
+    _print_numerics(model, args.kl_divergence_base)
     return 0
 
 
@@ -213,6 +256,7 @@ def _add_input(p: argparse.ArgumentParser) -> None:
         help="float64 values of reference.py (slow), not model.forward's float32",
     )
     p.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    add_numerics_argument(p)
 
 
 def _add_ray(p: argparse.ArgumentParser) -> None:
@@ -270,8 +314,11 @@ def add_parsers(sub) -> None:
         "NMSE (ggml's), KL divergence with llama.cpp's percentiles, top-1 agreement, vLLM's "
         "top-k rule and the first position whose argmax differs. A and B are logits files "
         "(`refinfer logits`) or llama.cpp KLD base files (compared as log-probabilities), "
-        "or two trace files (`refinfer trace`). Exit status 1 when a given tolerance fails "
-        "(the message names the worst position and token), 2 on bad input.",
+        "or two trace files (`refinfer trace`). The report gives the numerics each side "
+        "was computed with (exact or ggml, from refinfer's files; a KLD file records none); "
+        "two files of different numerics are refused unless --allow-mixed-numerics. Exit "
+        "status 1 when a given tolerance fails (the message names the worst position and "
+        "token), 2 on bad input.",
         epilog=TOLERANCE_MODEL,
     )
     cmp.add_argument("a", metavar="A", help="the base: .npz or llama.cpp KLD file")
@@ -296,6 +343,13 @@ def add_parsers(sub) -> None:
         type=int,
         metavar="K",
         help="fail if vLLM's top-K rule fails anywhere (reported with K = 5 when not given)",
+    )
+    cmp.add_argument(
+        "--allow-mixed-numerics",
+        action="store_true",
+        help="compare files computed with different numerics (exact against ggml: the "
+        "figures then include the arithmetic's difference); without it that is refused "
+        "with exit 2. The report gives each side's numerics either way",
     )
     cmp.set_defaults(run=cmd_compare)
 
@@ -327,6 +381,7 @@ def add_parsers(sub) -> None:
     ppl.add_argument("--kl-divergence", action="store_true", help="read FILE, print the KLD")
     ppl.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     ppl.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    add_numerics_argument(ppl)
     _add_ray(ppl)
     ppl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ppl.set_defaults(run=cmd_perplexity)

@@ -14,6 +14,10 @@ Over every position t and vocabulary entry v of two logits arrays a and b:
 A llama.cpp KLD base file stores log-probabilities, not logits: if either side is
 one, both are compared as log-softmax rows. Two trace files are walked tensor by
 tensor in graph order to the first one that differs beyond the tolerance.
+
+Each side's numerics ('exact' or 'ggml', recorded in refinfer's files; a KLD base file
+has none) is reported; `refinfer compare` refuses two files of different numerics
+without --allow-mixed-numerics, since their difference is then partly the arithmetic's.
 """
 
 from __future__ import annotations
@@ -114,6 +118,18 @@ def open_rows(path: str | Path) -> Rows:
     return Rows.from_logits(str(path), f.ids, f.arrays["logits"], f.provenance)
 
 
+def numerics_of(provenance: dict) -> str | None:
+    """The numerics ('exact' or 'ggml') a side was computed with, None where its file does
+    not record it (a llama.cpp KLD base file, an array)."""
+    return provenance.get("numerics")
+
+
+def _side(provenance: dict) -> str:
+    """'model.forward, numerics exact': what computed one side, for the text reports."""
+    by = provenance.get("computed_by", provenance.get("format", "an array"))
+    return f"{by}, numerics {numerics_of(provenance) or 'not recorded'}"
+
+
 def check_same_input(a: Rows, b: Rows) -> None:
     """OracleFileError unless A and B score the same ids at the same positions."""
     if a.n_vocab != b.n_vocab:
@@ -172,6 +188,8 @@ def compare_rows(a: Rows, b: Rows, top_k: int = 5) -> dict:
         "b": b.path,
         "a_provenance": a.provenance,
         "b_provenance": b.provenance,
+        "a_numerics": numerics_of(a.provenance),
+        "b_numerics": numerics_of(b.provenance),
         "log_probs": a.log_probs or b.log_probs,
         "positions": len(a.positions),
         "vocab": a.n_vocab,
@@ -247,8 +265,8 @@ def format_rows_report(r: dict) -> str:
     what = "|Δ log p|" if r["log_probs"] else "|Δlogit|"
     first = r["first_argmax_diff"]
     lines = [
-        f"A: {r['a']}  ({r['a_provenance'].get('computed_by', r['a_provenance'].get('format'))})",
-        f"B: {r['b']}  ({r['b_provenance'].get('computed_by', r['b_provenance'].get('format'))})",
+        f"A: {r['a']}  ({_side(r['a_provenance'])})",
+        f"B: {r['b']}  ({_side(r['b_provenance'])})",
         f"positions {r['positions']}, vocabulary {r['vocab']}",
         f"max {what:<10} {r['max_abs']:.4g} at position {r['max_abs_position']}, "
         f"vocabulary entry {r['max_abs_entry']}",
@@ -294,6 +312,8 @@ def compare_traces(a: files.OracleFile, b: files.OracleFile, tol: Tolerance) -> 
             worst = int(np.argmax(row_nmse if tol.max_nmse is not None else row_abs))
             first_bad = t | {"layer": int(layer.group(1)) if layer else None, "position": worst}
     return {
+        "a_numerics": numerics_of(a.provenance),
+        "b_numerics": numerics_of(b.provenance),
         "tensors": tensors,
         "first_bad": first_bad,
         "only_in_a": [n for n in a.arrays if n not in b.arrays],
@@ -302,10 +322,11 @@ def compare_traces(a: files.OracleFile, b: files.OracleFile, tol: Tolerance) -> 
 
 
 def format_trace_report(r: dict) -> str:
-    """One line per tensor, then the verdict."""
-    lines = [
-        f"{t['name']:<16} NMSE {t['nmse']:.3g}  max |Δ| {t['max_abs']:.3g}" for t in r["tensors"]
-    ]
+    """Each side's numerics, then one line per tensor."""
+    sides = [f"{side} {r[side.lower() + '_numerics'] or 'not recorded'}" for side in "AB"]
+    lines = ["numerics: " + ", ".join(sides)]
+    for t in r["tensors"]:
+        lines.append(f"{t['name']:<16} NMSE {t['nmse']:.3g}  max |Δ| {t['max_abs']:.3g}")
     if r["only_in_a"]:
         lines.append(f"only in A (not compared): {', '.join(r['only_in_a'])}")
     return "\n".join(lines)

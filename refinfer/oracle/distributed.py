@@ -7,7 +7,7 @@ own copy of the model and yields each chunk's result back in chunk order, whatev
 order the workers finish in. Everything after the forward pass (NLL, PPL, the KLD base
 file, the KLD statistics, the logits file) stays in this process, on the same arrays:
 
-    chunks --WorkerPool.map(fn)--> [actor: load(path); fn(model, group)] --> rows, in order
+    chunks --WorkerPool.map(fn)--> [actor: load(path, numerics); fn(model, group)] --> rows
 
 The results are bitwise those of one process: each chunk is a fresh sequence, so its
 logits depend only on its own tokens, never on the thread count, on which chunks share
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from refinfer.errors import InvalidParameterError, RefinferError
+from refinfer.model import check_numerics
 from refinfer.oracle.perplexity import scored_logits
 
 
@@ -62,15 +63,16 @@ def cluster(spec: str) -> Iterator[None]:
 
 
 class _ModelWorker:
-    """A Ray actor's state: one model, loaded from its path, on a fixed number of threads."""
+    """A Ray actor's state: one model, loaded from its path in the driver's numerics, on a
+    fixed number of threads."""
 
-    def __init__(self, model_path: str, threads: int):
+    def __init__(self, model_path: str, threads: int, numerics: str):
         import numba
 
         import refinfer
 
         numba.set_num_threads(threads)
-        self.model = refinfer.load(model_path)
+        self.model = refinfer.load(model_path, numerics=numerics)
 
     def run(self, fn, chunks: np.ndarray, *args) -> list:
         """fn(model, chunks, *args), one result per chunk, as a list."""
@@ -79,16 +81,21 @@ class _ModelWorker:
 
 class WorkerPool:
     """One actor per `threads` CPUs of the connected Ray cluster, each holding the model of
-    `model_path`; needs ray.init first (cluster() does it). A context manager: the actors,
-    and the CPUs they hold, are released on exit."""
+    `model_path` loaded with `numerics` (the driver's model's: the rows must be its rows);
+    needs ray.init first (cluster() does it). A context manager: the actors, and the CPUs
+    they hold, are released on exit."""
 
-    def __init__(self, model_path: str | Path, threads: int = 1):
+    def __init__(self, model_path: str | Path, threads: int = 1, numerics: str = "exact"):
         ray = _ray()
         from ray.util import ActorPool
 
+        check_numerics(numerics)  # here, not in every actor
+
         self.n_workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         actor = ray.remote(num_cpus=threads)(_ModelWorker)
-        self.actors = [actor.remote(str(model_path), threads) for _ in range(self.n_workers)]
+        self.actors = [
+            actor.remote(str(model_path), threads, numerics) for _ in range(self.n_workers)
+        ]
         self.pool = ActorPool(self.actors)
 
     def __enter__(self) -> WorkerPool:

@@ -5,7 +5,8 @@ Where this sits: Model.logits / reference.logits / the taps of trace.py -> this 
 read with `np.load(path)`:
 
     format       str   'refinfer-logits/1' or 'refinfer-trace/1'
-    provenance   str   JSON: model, model_sha256, refinfer_version, numerics, computed_by
+    provenance   str   JSON: model, model_sha256, refinfer_version, numerics ('exact' or
+                       'ggml': the model's arithmetic; reference.py's is exact), computed_by
                        ('model.forward' or 'reference.py'), threads, kv_block_size
     ids          int32[T]       the token ids; position t holds ids[t]
     logits       float[T, V]    logits files: row t scores the token after position t
@@ -68,14 +69,16 @@ def sha256(path: str | Path) -> str:
 
 
 def provenance(model, computed_by: str) -> dict:
-    """What made an output: the model file and its hash, the code, the numerics, threads."""
+    """What made an output: the model file and its hash, the code, the numerics, threads.
+
+    numerics: the model's ('exact' or 'ggml'); reference.py computes the exact math only."""
     import numba
 
     return {
         "model": str(model.path),
         "model_sha256": sha256(model.path),
         "refinfer_version": refinfer.__version__,
-        "numerics": "exact",
+        "numerics": "exact" if computed_by == "reference.py" else model.numerics,
         "computed_by": computed_by,
         "threads": numba.get_num_threads(),
         "kv_block_size": BLOCK_SIZE,

@@ -161,16 +161,24 @@ def create_app(
     return app
 
 
-def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8080, **options) -> None:
-    """Load the model and serve it with uvicorn until interrupted; options go to create_app."""
+def serve(
+    model_path: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    numerics: str = "exact",
+    **options,
+) -> None:
+    """Load the model in `numerics` ('exact' or 'ggml', model.NUMERICS) and serve it with
+    uvicorn until interrupted; options go to create_app."""
     import uvicorn
 
     from refinfer.model import load
 
-    app = create_app(load(model_path), **options)
+    app = create_app(load(model_path, numerics=numerics), **options)
     service = app.state.service
     key = "; every request but /health needs the API key" if service.api_key else ""
-    print(f"refinfer: serving {service.model_id} at http://{host}:{port}/v1{key}", file=sys.stderr)
+    print(f"refinfer: serving {service.model_id} (numerics {numerics}) at "
+          f"http://{host}:{port}/v1{key}", file=sys.stderr)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -201,15 +209,17 @@ private = APIRouter(dependencies=[Depends(_authorised)])
 
 @public.get("/health")
 async def health(s: ServiceDep) -> JSONResponse:
-    """200 while the engine works, 503 after it failed."""
+    """200 while the engine works, 503 after it failed; with the model's numerics."""
     ok = s.loop.failure is None
-    return JSONResponse({"status": "ok" if ok else "failed"}, status_code=200 if ok else 503)
+    body = {"status": "ok" if ok else "failed", "numerics": s.model.numerics}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @private.get("/v1/models", response_model=api.ModelList)
 async def models(s: ServiceDep) -> api.ModelList:
     """The one model served."""
-    return api.ModelList(data=[api.ModelCard(id=s.model_id, created=s.created)])
+    card = api.ModelCard(id=s.model_id, created=s.created, numerics=s.model.numerics)
+    return api.ModelList(data=[card])
 
 
 @private.get("/metrics", response_class=PlainTextResponse)

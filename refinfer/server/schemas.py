@@ -176,6 +176,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "refinfer"
+    numerics: str  # refinfer's: the arithmetic the model runs ("exact" or "ggml")
 
 
 class ModelList(BaseModel):

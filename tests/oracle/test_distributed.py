@@ -4,6 +4,8 @@ imports Ray only with --ray."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 
 import refinfer
 from refinfer.cli import main
-from refinfer.oracle import distributed, files, perplexity
+from refinfer.oracle import commands, distributed, files, perplexity
 
 pytest.importorskip("ray")  # the optional extra refinfer[ray], in dev
 
@@ -115,3 +117,35 @@ def test_cli_imports_ray_only_when_asked() -> None:
     code = "import sys, refinfer.cli, refinfer.oracle.commands; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_workers_load_the_model_in_the_drivers_numerics(ray_cluster, byte_model: Path) -> None:
+    def numerics(model, chunks):  # pickled by value: the workers need not import this file
+        return [model.numerics for _ in chunks]
+
+    chunks = np.zeros((4, 2), np.int32)
+    with distributed.WorkerPool(byte_model, threads=1, numerics="ggml") as pool:
+        assert list(pool.map(numerics, chunks)) == ["ggml"] * 4
+    with pytest.raises(refinfer.InvalidParameterError, match="numerics must be one of"):
+        distributed.WorkerPool(byte_model, threads=1, numerics="bogus")
+
+
+def test_cli_ray_pool_gets_the_models_numerics(byte_model: Path, monkeypatch) -> None:
+    made = []
+
+    class Pool:  # distributed.WorkerPool without Ray
+        def __init__(self, path, threads, numerics):
+            made.append((path, threads, numerics))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(distributed, "WorkerPool", Pool)
+    monkeypatch.setattr(distributed, "cluster", lambda spec: contextlib.nullcontext())
+    model = refinfer.load(byte_model, numerics="ggml")
+    with commands._workers(argparse.Namespace(ray="local:2", threads=0), model) as pool:
+        assert isinstance(pool, Pool)
+    assert made == [(model.path, 1, "ggml")]

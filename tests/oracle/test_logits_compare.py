@@ -135,3 +135,57 @@ def test_bad_input_is_one_line_and_status_2(case: str, files: dict, byte_model: 
     assert main(["compare", str(files["fast"]), str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+@pytest.fixture(scope="module")
+def ggml_file(files: dict, byte_model: Path) -> Path:
+    """The logits file of IDS computed with numerics='ggml'."""
+    out = files["dir"] / "ggml.npz"
+    args = ["--ids", ",".join(map(str, IDS)), "-o", str(out), "--numerics", "ggml"]
+    assert main(["logits", str(byte_model), *args]) == 0
+    return out
+
+
+def test_logits_file_records_the_numerics(files: dict, ggml_file: Path) -> None:
+    p = json.loads(str(np.load(ggml_file)["provenance"]))
+    assert p["numerics"] == "ggml" and p["computed_by"] == "model.forward"
+    assert json.loads(str(np.load(files["fast"])["provenance"]))["numerics"] == "exact"
+
+
+def test_reference_with_ggml_numerics_is_refused(byte_model: Path, tmp_path: Path, capsys):
+    out = tmp_path / "r.npz"
+    args = ["logits", str(byte_model), "--ids", "1,2", "-o", str(out), "--reference"]
+    assert main([*args, "--numerics", "ggml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --reference" in err and not out.exists()
+
+
+def test_compare_refuses_mixed_numerics_unless_allowed(files: dict, ggml_file: Path, capsys):
+    a, b = str(files["fast"]), str(ggml_file)
+    assert main(["compare", a, b]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "numerics exact" in err and "with ggml" in err
+    assert "--allow-mixed-numerics" in err
+    status, r, _ = _compare(capsys, a, b, "--allow-mixed-numerics")
+    assert status == 0 and (r["a_numerics"], r["b_numerics"]) == ("exact", "ggml")
+    assert main(["compare", a, b, "--allow-mixed-numerics"]) == 0
+    err = capsys.readouterr().err
+    assert "(model.forward, numerics exact)" in err and "(model.forward, numerics ggml)" in err
+
+
+def test_compare_of_one_numerics_reports_it(files: dict, ggml_file: Path, capsys) -> None:
+    status, r, _ = _compare(capsys, str(ggml_file), str(ggml_file), "--max-abs", "0")
+    assert status == 0 and r["a_numerics"] == r["b_numerics"] == "ggml"
+
+
+def test_a_side_without_numerics_is_compared_as_not_recorded(files: dict, ggml_file: Path,
+                                                             capsys) -> None:  # fmt: skip
+    z = np.load(files["fast"])
+    prov = json.loads(str(z["provenance"]))
+    del prov["numerics"]  # another tool's file, say
+    other = files["dir"] / "other.npz"
+    OracleFile("logits", z["ids"], {"logits": z["logits"]}, prov).save(other)
+    status, r, _ = _compare(capsys, str(other), str(ggml_file))
+    assert status == 0 and (r["a_numerics"], r["b_numerics"]) == (None, "ggml")
+    assert main(["compare", str(other), str(ggml_file)]) == 0
+    assert "numerics not recorded" in capsys.readouterr().err

@@ -187,3 +187,18 @@ def test_bad_input_is_one_line_and_status_2(case, byte_model, text, tmp_path, ca
     assert main(["perplexity", str(byte_model), "-q", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_numerics_is_in_the_json_and_on_stderr(byte_model: Path, text: Path, tmp_path, capsys):
+    base = str(tmp_path / "b.kld")
+    args = ["perplexity", str(byte_model), "-c", str(N_CTX), "--json", "-q"]
+    assert main([*args, "-f", str(text), "--chunks", "2", "--kl-divergence-base", base]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["numerics"] == "exact" and "numerics exact (bytes.gguf)" in err
+    assert "b.kld, in llama.cpp's format, records no numerics" in err
+    assert main([*args, "-f", str(text), "--chunks", "2", "--numerics", "ggml"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["numerics"] == "ggml" and "numerics ggml" in err
+    assert main([*args, "--kl-divergence-base", base, "--kl-divergence", "--numerics", "ggml"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["numerics"] == "ggml" and "numerics ggml" in err

@@ -95,3 +95,19 @@ def test_unknown_tap_name_is_status_2(byte_model, tmp_path, capsys) -> None:
     args = ["trace", str(byte_model), "--ids", "1,2", "-o", str(tmp_path / "t.npz")]
     assert main([*args, "--names", "Qcur,bogus-3"]) == 2
     assert "unknown tap name(s) bogus-3" in capsys.readouterr().err
+
+
+def test_trace_records_numerics_and_compare_reports_them(byte_model, tmp_path, capsys) -> None:
+    args = ["trace", str(byte_model), "--ids", "256,72,101", "--names", "l_out"]
+    exact, ggml = tmp_path / "exact.npz", tmp_path / "ggml.npz"
+    assert main([*args, "-o", str(exact)]) == 0
+    assert main([*args, "-o", str(ggml), "--numerics", "ggml"]) == 0
+    assert json.loads(str(np.load(ggml)["provenance"]))["numerics"] == "ggml"
+    assert "numerics ggml" in capsys.readouterr().err
+    assert main(["compare", str(exact), str(ggml)]) == 2  # mixed numerics: refused
+    assert "--allow-mixed-numerics" in capsys.readouterr().err
+    assert main(["compare", str(exact), str(ggml), "--allow-mixed-numerics", "--json"]) in (0, 1)
+    r = json.loads(capsys.readouterr().out)
+    assert (r["a_numerics"], r["b_numerics"]) == ("exact", "ggml")
+    assert main(["compare", str(ggml), str(ggml)]) == 0
+    assert "numerics: A ggml, B ggml" in capsys.readouterr().err
