@@ -37,7 +37,8 @@ def round_f16(x: np.ndarray) -> np.ndarray:
     ggml's GGML_CPU_FP32_TO_FP16 on x86: how K and V enter the cache and how q and the
     softmax probabilities enter their products with them (mul_mat converts src1 to F16).
     """
-    return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
+    with np.errstate(over="ignore"):  # beyond 65504: inf, as F16C
+        return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
 
 
 def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -64,7 +65,8 @@ def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     inexact = np.isfinite(np.atleast_1d(s)) & (e != 0) & (bits & 1 == 0)
     away = (e > 0) == (np.atleast_1d(s) > 0)  # p + c is further from 0 than s
     bits = np.where(inexact, bits + np.where(away, 1, -1), bits)  # to the odd neighbour
-    return bits.view(F64).astype(F32).reshape(np.shape(s))
+    with np.errstate(over="ignore"):  # beyond float32: inf
+        return bits.view(F64).astype(F32).reshape(np.shape(s))
 
 
 # ---- exp, SiLU and GELU ------------------------------------------------------------------
