@@ -36,7 +36,8 @@ from refinfer.errors import InvalidParameterError, RefinferError
 from refinfer.gguf import GGUFFile, read_gguf
 from refinfer.kernels import Linear
 from refinfer.kernels.attention import paged_attention
-from refinfer.kernels.layer_ops import glu, rms_norm, rope
+from refinfer.kernels.attention_ggml import paged_attention_ggml
+from refinfer.kernels.layer_ops import glu, glu_ggml, rms_norm, rms_norm_ggml, rope, rope_ggml
 from refinfer.kernels.threads import fit_threads
 from refinfer.kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from refinfer.quant import QTensor, dequantize
@@ -123,7 +124,7 @@ class LayerWeights:
     ffn_down: Linear  # Wdown
 
     @classmethod
-    def load(cls, model: reference.Weights, i: int, rope: int) -> LayerWeights:
+    def load(cls, model: reference.Weights, i: int, rope: int, numerics: str) -> LayerWeights:
         """Layer i's tensors by their GGUF names (fused ones cut by reference.layer_tensors)."""
         t = reference.layer_tensors(model, i)
 
@@ -144,8 +145,10 @@ class LayerWeights:
             post_ffw_norm=vector("post_ffw_norm.weight"),
             window=model.config.layer_window(i) or 0,
             rope=rope,
-            attn_qkv=Linear(wq, wk, wv), attn_output=Linear(t["attn_output.weight"]),
-            ffn_gate_up=Linear(w_gate, w_up), ffn_down=Linear(w_down),
+            attn_qkv=Linear(wq, wk, wv, numerics=numerics),
+            attn_output=Linear(t["attn_output.weight"], numerics=numerics),
+            ffn_gate_up=Linear(w_gate, w_up, numerics=numerics),
+            ffn_down=Linear(w_down, numerics=numerics),
         )  # fmt: skip
 
 
@@ -195,8 +198,31 @@ def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None, layer: int
 # The arithmetic a Model runs (README "Numerics"): "exact" multiplies by the dequantised
 # weights in float32 (the math of reference.py); "ggml" does what llama.cpp's CPU backend
 # does (8-bit activations and integer dot products, f16 K/V, ggml's exp and norms:
-# refinfer/ggml/), to serve as an oracle for engines that descend from ggml.
+# refinfer/ggml/), to serve as an oracle for engines that descend from ggml. Each names
+# its kernels: (RMSNorm, GLU, paged attention, RoPE tables); Linear takes the name itself.
 NUMERICS = ("exact", "ggml")
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The per-token kernels of one numerics (their matrix products: kernels.Linear)."""
+
+    rms_norm: Callable  # (x, weight, eps, out)
+    glu: Callable  # (gate, up, gelu_tanh, out)
+    attention: Callable  # kernels.attention.paged_attention's signature
+    rope_tables: Callable  # (config, freq_factors, layer) -> cos, sin
+    rope: Callable  # (x, positions, cos, sin, neox)
+    kv_f16: bool  # K and V rounded to float16 as they enter the pool
+
+
+def _layer_ops(numerics: str) -> LayerOps:
+    if numerics == "ggml":
+        from refinfer.ggml.ops import rope_tables as ggml_rope_tables
+
+        return LayerOps(
+            rms_norm_ggml, glu_ggml, paged_attention_ggml, ggml_rope_tables, rope_ggml, True
+        )
+    return LayerOps(rms_norm, glu, paged_attention, rope_tables, rope, False)
 
 
 def check_numerics(numerics: str) -> str:
@@ -224,16 +250,17 @@ class Model:
         c = self.config
         self.token_embd = gf.tensors["token_embd.weight"]  # (V, D)
         self.output = gf.tensors["token_embd.weight" if c.tied_embeddings else "output.weight"]
-        self.output_linear = Linear(self.output)  # (V, D)
+        self.output_linear = Linear(self.output, numerics=numerics)  # (V, D)
+        self.ops = _layer_ops(numerics)
         self.output_norm = gf.tensors["output_norm.weight"].dequantize()  # (D,)
         factors = c.rope_scaling.freq_factors
         freq_factors = gf.tensors[factors].dequantize() if factors else None
         # one (cos, sin) pair per distinct RoPE of the layers (Gemma 3: local and global)
         ropes = [c.layer_rope(i) for i in range(c.n_layers)]
         distinct = list(dict.fromkeys(ropes))
-        self.rope_tables = [rope_tables(c, freq_factors, ropes.index(r)) for r in distinct]
+        self.rope_tables = [self.ops.rope_tables(c, freq_factors, ropes.index(r)) for r in distinct]
         self.layers = [
-            LayerWeights.load(gf, i, distinct.index(ropes[i])) for i in range(c.n_layers)
+            LayerWeights.load(gf, i, distinct.index(ropes[i]), numerics) for i in range(c.n_layers)
         ]
         self._workspaces: dict[int, Workspace] = {}  # T -> buffers
 
@@ -261,42 +288,45 @@ class Model:
         self, x: np.ndarray, i: int, batch: Batch, pool: KVPool, ws: Workspace, tap: Tap | None
     ) -> None:
         """ws.out = Attn(RMSNorm(x)) for layer i, writing this batch's K/V into the pool."""
-        c, w, T = self.config, self.layers[i], len(x)
-        rms_norm(x, w.attn_norm, c.norm_eps, ws.h)
+        c, w, T, ops = self.config, self.layers[i], len(x), self.ops
+        ops.rms_norm(x, w.attn_norm, c.norm_eps, ws.h)
         w.attn_qkv(ws.h, ws.q.reshape(T, -1), ws.k.reshape(T, -1), ws.v.reshape(T, -1))
         for y, by, norm in ((ws.q, w.bq, w.q_norm), (ws.k, w.bk, w.k_norm), (ws.v, w.bv, None)):
             if by is not None:  # y = h W^T + b
                 y.reshape(T, -1)[:] += by
             if norm is not None:  # RMSNorm of each head, in place
                 heads = y.reshape(-1, c.head_dim)
-                rms_norm(heads, norm, c.norm_eps, heads)
+                ops.rms_norm(heads, norm, c.norm_eps, heads)
         cos, sin = self.rope_tables[w.rope]
-        rope(ws.q, batch.positions, cos, sin, c.arch.rope_neox)
-        rope(ws.k, batch.positions, cos, sin, c.arch.rope_neox)
+        ops.rope(ws.q, batch.positions, cos, sin, c.arch.rope_neox)
+        ops.rope(ws.k, batch.positions, cos, sin, c.arch.rope_neox)
         if tap:
             for name, y in (("attn_norm", ws.h), ("Qcur", ws.q), ("Kcur", ws.k), ("Vcur", ws.v)):
                 tap(f"{name}-{i}", y)
+        if ops.kv_f16:  # llama.cpp's K/V cache is float16
+            for y in (ws.k, ws.v):
+                y[:] = y.astype(np.float16)
         pool.write(i, batch.slots, ws.k, ws.v)  # into the pool
-        paged_attention(
+        ops.attention(
             ws.q, pool.k_cache[i], pool.v_cache[i], batch.block_tables, batch.seq_index,
             batch.positions, w.window, c.attention_scale, ws.attn,
         )  # fmt: skip
         w.attn_output(ws.attn.reshape(T, -1), ws.out)
         if w.post_attn_norm is not None:
-            rms_norm(ws.out, w.post_attn_norm, c.norm_eps, ws.out)
+            ops.rms_norm(ws.out, w.post_attn_norm, c.norm_eps, ws.out)
         if tap:
             tap(f"kqv_out-{i}", ws.attn.reshape(T, -1))
             tap(f"attn_out-{i}", ws.out)
 
     def mlp_block(self, x: np.ndarray, i: int, ws: Workspace) -> None:
         """ws.out = MLP(RMSNorm(x)) = (act(h Wgate^T) * h Wup^T) Wdown^T for layer i."""
-        c, w = self.config, self.layers[i]
-        rms_norm(x, w.ffn_norm, c.norm_eps, ws.h)
+        c, w, ops = self.config, self.layers[i], self.ops
+        ops.rms_norm(x, w.ffn_norm, c.norm_eps, ws.h)
         w.ffn_gate_up(ws.h, ws.gate, ws.up)  # (T, F) each
-        glu(ws.gate, ws.up, c.arch.activation == "gelu_tanh", ws.gate)
+        ops.glu(ws.gate, ws.up, c.arch.activation == "gelu_tanh", ws.gate)
         w.ffn_down(ws.gate, ws.out)
         if w.post_ffw_norm is not None:
-            rms_norm(ws.out, w.post_ffw_norm, c.norm_eps, ws.out)
+            ops.rms_norm(ws.out, w.post_ffw_norm, c.norm_eps, ws.out)
 
     def forward(
         self, batch: Batch, pool: KVPool, layers: Sequence[int] | None = None,
@@ -322,7 +352,7 @@ class Model:
                 tap(f"l_out-{i}", x)
         x = np.ascontiguousarray(x[batch.logit_rows])  # (R, D)
         h = np.empty_like(x)
-        rms_norm(x, self.output_norm, self.config.norm_eps, h)
+        self.ops.rms_norm(x, self.output_norm, self.config.norm_eps, h)
         logits = np.empty((len(h), self.output.shape[0]), np.float32)  # the caller keeps it
         self.output_linear(h, logits)
         if tap:

@@ -250,14 +250,13 @@ def rope_tables(config, freq_factors: np.ndarray | None, layer: int):
     grows with i, as ggml's does. freq_scale = 1.0f / rope.scaling.factor for linear scaling
     (1 otherwise), ff_i the frequency factors (rope_freqs, Phi-3's rope_factors_*), both
     only on layers whose RoPE is scaled (config.layer_rope); mscale = attn_factor (float32).
-    powf, cosf and sinf are taken as correctly rounded (float64, rounded to float32);
-    glibc's are within about half an ulp, so a rare entry may differ in its last bit.
+    powf is taken as correctly rounded (float64, rounded to float32); cosf and sinf are the
+    C library's own (_libm), as their last bits decide roundings to f16 downstream.
     YaRN (ext_factor != 0) is not supported here: UnsupportedModelError.
 
     ggml then rotates with x0 cos - x1 sin and x0 sin + x1 cos (rotate_pairs), which GCC
-    contracts with -mfma into fma(x0, cos, -(x1 sin)) and fma(x0, sin, x1 cos);
-    kernels.layer_ops.rope computes the products separately, so a rotated value can differ
-    from ggml's by about an ulp (more where the two terms cancel).
+    contracts with -mfma into fma(x0, cos, -(x1 sin)) and fma(x0, sin, x1 cos): `rope`
+    below, kernels.layer_ops.rope_ggml.
     """
     scaling = config.rope_scaling
     if scaling.type not in ("none", "linear", "longrope"):
@@ -277,11 +276,44 @@ def rope_tables(config, freq_factors: np.ndarray | None, layer: int):
     sin = np.empty_like(cos)
     for i in range(half):
         extrap = theta / ff[i] if ff is not None else theta
-        angle = (freq_scale * extrap).astype(F64)
-        cos[:, i] = np.cos(angle).astype(F32) * mscale
-        sin[:, i] = np.sin(angle).astype(F32) * mscale
+        angle = freq_scale * extrap
+        cos[:, i] = _libm("cosf", angle) * mscale
+        sin[:, i] = _libm("sinf", angle) * mscale
         theta = theta * theta_scale
     return cos, sin
+
+
+def _libm(name: str, x: np.ndarray) -> np.ndarray:
+    """float32 cosf / sinf of float32 x from the C library llama.cpp links (glibc's libm),
+    whose results can differ from the correctly rounded ones in the last bit; the
+    correctly rounded float64 result where no C library is found."""
+    import ctypes
+    import ctypes.util
+
+    path = ctypes.util.find_library("m")
+    if path is None:
+        return getattr(np, name[:-1])(x.astype(F64)).astype(F32)
+    fn = getattr(ctypes.CDLL(path), name)
+    fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+    return np.array([fn(v) for v in x.tolist()], dtype=F32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+         neox: bool) -> np.ndarray:  # fmt: skip
+    """x float32[T, heads, HD] rotated as ggml's rotate_pairs (compiled with -mfma) does:
+
+        y_a = fma(x_a, cos, -(x_b sin)),   y_b = fma(x_a, sin, x_b cos)
+
+    pairs (2i, 2i + 1), or (i, i + rope_dim / 2) if `neox`; cos, sin from rope_tables."""
+    x = np.array(x, dtype=F32)
+    half = cos.shape[1]
+    ia = np.arange(half) * (1 if neox else 2)
+    ib = ia + (half if neox else 1)
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]  # (T, 1, half)
+    a, b = x[..., ia].copy(), x[..., ib].copy()
+    x[..., ia] = fma(a, c, -(b * s))
+    x[..., ib] = fma(a, s, b * c)
+    return x
 
 
 def kq_scale(head_dim: int) -> np.float32:

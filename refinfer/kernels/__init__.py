@@ -22,6 +22,7 @@ NUMBA_CACHE_DIR to move the cache, NUMBA_NUM_THREADS to limit the threads.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,8 +32,11 @@ import numpy as np
 
 from refinfer import quant
 from refinfer.errors import UnsupportedFormatError
+from refinfer.ggml.dot import round_activations
+from refinfer.ggml.quantize import ACTIVATION_TYPE
 from refinfer.kernels import matmul as _mm
 from refinfer.kernels import matmul_blocks as _mb
+from refinfer.kernels import matmul_int8 as _mi
 from refinfer.quant import QTensor
 
 # format name -> (kernel, dtype the raw bytes are viewed as, lookup table); a tensor's
@@ -54,6 +58,11 @@ _MATMUL = {
     "q6_k": (_mb.matmul_q6_k, np.uint8, quant.F16_TO_F32),
     "iq4_xs": (_mb.matmul_iq4_xs, np.uint8, quant.F16_TO_F32),
 }
+
+# numerics="ggml": format name -> int8 kernel (matmul_int8.py), run on the activations
+# quantised to the format's ACTIVATION_TYPE; the float formats keep their kernels above and
+# take x rounded to their own type (ggml/dot.round_activations)
+_MATMUL_INT8 = {name: getattr(_mi, f"matmul_{name}") for name in ACTIVATION_TYPE}
 
 
 MAX_FUSED = 3  # matrices per Linear (Wq, Wk, Wv)
@@ -78,7 +87,7 @@ class Linear:
     others). Raises UnsupportedFormatError for a format no kernel reads.
     """
 
-    def __init__(self, *ws: QTensor):
+    def __init__(self, *ws: QTensor, numerics: str = "exact"):
         if not 1 <= len(ws) <= MAX_FUSED:
             raise ValueError(f"Linear takes 1 to {MAX_FUSED} matrices, not {len(ws)}")
         k = ws[0].shape[-1]
@@ -95,20 +104,49 @@ class Linear:
                                  f"[N, {k}] (shape {list(w.shape)})")  # fmt: skip
             by_format.setdefault(w.format.name, []).append(i)
         self.shapes = [w.shape for w in ws]  # (N_i, K)
-        self._calls = []  # (kernel, raws, table, indices of the matrices in ws)
+        # (kernel, x -> its input, raws, table, indices of the matrices in ws)
+        self._calls = []
         for name, indices in by_format.items():
             kernel, raw_dtype, table = _MATMUL[name]
+            prepare = _exact_input
+            if numerics == "ggml":
+                fmt = quant.FORMATS[name]
+                if name in _MATMUL_INT8:
+                    kernel, prepare = _MATMUL_INT8[name], _quantizer(ACTIVATION_TYPE[name])
+                elif fmt is not quant.F32:
+                    prepare = _rounder(fmt)
             raws = [np.ascontiguousarray(ws[i].data).view(raw_dtype) for i in indices]
             # padded with empty matrices to a fixed count, all read-only (as the memory map
             # is): one type of argument, so one compiled kernel per format
             raws += [np.empty((0, raws[0].shape[1]), raw_dtype)] * (MAX_FUSED - len(raws))
-            self._calls.append((kernel, tuple(_read_only(r) for r in raws), table, tuple(indices)))
+            raws = tuple(_read_only(r) for r in raws)
+            self._calls.append((kernel, prepare, raws, table, tuple(indices)))
 
     def __call__(self, x: np.ndarray, *outs: np.ndarray) -> None:
         """outs[i][T, N_i] = x[T, K] @ W_i^T (all C-contiguous float32)."""
-        for kernel, raws, table, indices in self._calls:
+        inputs = {}  # x as each kind of input needs it: quantised once per activation type
+        for kernel, prepare, raws, table, indices in self._calls:
+            if prepare not in inputs:
+                inputs[prepare] = prepare(x)
             ys = tuple(outs[i] for i in indices)
-            kernel(x, raws, table, ys + (_NO_OUTPUT,) * (MAX_FUSED - len(ys)))
+            kernel(inputs[prepare], raws, table, ys + (_NO_OUTPUT,) * (MAX_FUSED - len(ys)))
+
+
+def _exact_input(x: np.ndarray) -> np.ndarray:
+    """x as the float kernels take it (numerics="exact", and F32 weights in either mode)."""
+    return x
+
+
+@functools.cache
+def _quantizer(act: str):
+    """x -> its `act` blocks (Q8_0, Q8_1 or Q8_K), as the int8 kernels take them."""
+    return lambda x: _mi.quantize_activations(x, act)
+
+
+@functools.cache
+def _rounder(fmt: quant.Format):
+    """x -> x rounded to F16 or BF16, as ggml multiplies it by weights of that format."""
+    return lambda x: round_activations(x, fmt)
 
 
 def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarray:

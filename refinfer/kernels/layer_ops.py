@@ -24,7 +24,7 @@ from functools import cache
 import numpy as np
 from numba import njit, prange
 
-from refinfer.kernels.expf import expf, expf_ggml, f16_bits
+from refinfer.kernels.expf import expf, expf_ggml, f16_bits, fma_f32
 
 U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
 ONE = np.float32(1)
@@ -76,7 +76,7 @@ rms_norm = _per_token(_rms_norm_serial, _rms_norm_parallel)
 
 
 @njit(inline="always")
-def _rope_token(x, positions, cos, sin, neox, t):
+def _rope_token(x, positions, cos, sin, neox, fused, t):
     n_heads, half = x.shape[1], cos.shape[1]
     step, offset = (1, half) if neox else (2, 1)  # a_i = step * i, b_i = a_i + offset
     p = positions[t]
@@ -85,12 +85,17 @@ def _rope_token(x, positions, cos, sin, neox, t):
             ia = step * i
             ib = ia + offset
             a, b = x[t, h, ia], x[t, h, ib]
-            x[t, h, ia] = a * cos[p, i] - b * sin[p, i]
-            x[t, h, ib] = a * sin[p, i] + b * cos[p, i]
+            c, s = cos[p, i], sin[p, i]
+            if fused:  # ggml's rotate_pairs as GCC compiles it with -mfma
+                x[t, h, ia] = fma_f32(a, c, -(b * s))
+                x[t, h, ib] = fma_f32(a, s, b * c)
+            else:
+                x[t, h, ia] = a * c - b * s
+                x[t, h, ib] = a * s + b * c
 
 
 @njit(cache=True)
-def _rope_serial(x, positions, cos, sin, neox):
+def _rope_serial(x, positions, cos, sin, neox, fused):
     """Rotate x float32[T, heads, HD] in place by its token's position.
 
     Pair (x[a_i], x[b_i]) turns by the angle position * freq_i:
@@ -98,18 +103,31 @@ def _rope_serial(x, positions, cos, sin, neox):
         x[b_i] <- x[a_i] sin + x[b_i] cos
     with (a_i, b_i) = (2i, 2i + 1), or (i, i + rope_dim / 2) if `neox` (reference.rope_pairs).
     cos, sin: float32[n_positions, rope_dim / 2] tables; dims past rope_dim stay.
+    `fused`: the first product of each line is fused with the subtraction / addition into
+    one FMA (fma(x_a, cos, -(x_b sin)), fma(x_a, sin, x_b cos)), as llama.cpp's build does
+    it (numerics="ggml"; twin: ggml/ops.rope); otherwise every product is rounded.
     """
     for t in range(x.shape[0]):
-        _rope_token(x, positions, cos, sin, neox, t)
+        _rope_token(x, positions, cos, sin, neox, fused, t)
 
 
 @njit(cache=True, parallel=True)
-def _rope_parallel(x, positions, cos, sin, neox):
+def _rope_parallel(x, positions, cos, sin, neox, fused):
     for t in prange(x.shape[0]):
-        _rope_token(x, positions, cos, sin, neox, t)
+        _rope_token(x, positions, cos, sin, neox, fused, t)
 
 
-rope = _per_token(_rope_serial, _rope_parallel)
+_rope = _per_token(_rope_serial, _rope_parallel)
+
+
+def rope(x, positions, cos, sin, neox):
+    """Rotate x float32[T, heads, HD] in place by its token's position (see _rope_serial)."""
+    _rope(x, positions, cos, sin, neox, False)
+
+
+def rope_ggml(x, positions, cos, sin, neox):
+    """rope as llama.cpp computes it: each rotation's first product fused into an FMA."""
+    _rope(x, positions, cos, sin, neox, True)
 
 
 @njit(inline="always")
