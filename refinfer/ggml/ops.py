@@ -1,4 +1,5 @@
-"""ggml's elementwise and row operations in NumPy, bit for bit as its x86 AVX2 + FMA build.
+"""ggml's elementwise and row operations in NumPy, bit for bit as its x86 builds (AVX2 + FMA,
+or AVX-512: `Simd`).
 
 Where this sits: numerics="ggml" runs the same layer as the exact mode, but each step that
 llama.cpp computes its own way is computed here the way it does: the RMSNorm in front of
@@ -19,13 +20,48 @@ rare last bit; each place says so.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import numpy as np
 
-from refinfer.errors import UnsupportedModelError
+from refinfer.errors import InvalidParameterError, UnsupportedModelError
 
 F32 = np.float32
 F64 = np.float64
-LANES = 8  # floats in an AVX2 register: ggml's vector loops step by 8
+
+
+@dataclass(frozen=True)
+class Simd:
+    """One of ggml's x86 builds, as far as float32 results depend on it: the float32 lanes of
+    its vector loops and of tinyBLAS's accumulators (8 on AVX2, 16 on AVX-512), which fix
+    the order of its sums, and its ggml_v_expf (the two builds' polynomials round differently).
+    """
+
+    name: str
+    lanes: int
+
+
+SIMD = {"avx2": Simd("avx2", 8), "avx512": Simd("avx512", 16)}
+
+
+def host_simd() -> Simd:
+    """The build llama.cpp compiles on this CPU with -march=native (llama-cpp-python's
+    default): AVX-512 where the CPU has AVX512F and AVX512DQ, else AVX2 (also on non-x86
+    CPUs, whose NEON build this does not state). REFINFER_GGML_SIMD=avx2|avx512 chooses
+    instead, to reproduce llama.cpp as built on another machine."""
+    name = os.environ.get("REFINFER_GGML_SIMD")
+    if name is None:
+        import llvmlite.binding as ll
+
+        features = ll.get_host_cpu_features()
+        name = "avx512" if features.get("avx512f") and features.get("avx512dq") else "avx2"
+    if name not in SIMD:
+        raise InvalidParameterError(f"REFINFER_GGML_SIMD must be avx2 or avx512, not {name!r}")
+    return SIMD[name]
+
+
+LANES = host_simd().lanes  # the default of every function below whose bits depend on it
 
 
 # ---- float16 rounding and the fused multiply-add ------------------------------------
@@ -89,8 +125,9 @@ def _float(bits: np.ndarray) -> np.ndarray:
     return np.asarray(bits, dtype=np.uint32).view(F32)
 
 
-def expf(x: np.ndarray) -> np.ndarray:
-    """e^x as ggml_v_expf computes it (vec.h, the __AVX2__ && __FMA__ variant), per lane.
+def expf(x: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """e^x as ggml_v_expf computes it (vec.h), per lane: the AVX2 + FMA variant for
+    lanes=8, the AVX-512 one (`_expf_avx512`) for lanes=16.
 
         z = fma(x, log2e, 1.5 2^23);  n = z - 1.5 2^23           n = round(x / ln 2)
         b = fma(-n, ln2_lo, fma(-n, ln2_hi, x))                  b = x - n ln 2
@@ -107,6 +144,8 @@ def expf(x: np.ndarray) -> np.ndarray:
     ggml states a maximum error of 1.45 + 0.5 ulp.
     """
     x = np.asarray(x, dtype=F32)
+    if lanes == 16:
+        return _expf_avx512(x)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         z = fma(x, EXP_LOG2E, EXP_SHIFT)
         n = z - EXP_SHIFT
@@ -125,6 +164,25 @@ def expf(x: np.ndarray) -> np.ndarray:
         return np.where(huge, s1 * s1, y).astype(F32)
 
 
+def _expf_avx512(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf's AVX-512 variant: the same n and b, then
+
+        j = fma(fma(fma(c0, b, c1), u, fma(c2, b, c3)), u, fma(c4, b, 1))   j = e^b
+        e^x = scalef(j, n) = j 2^n          (one rounding: exact in float64, then to float32)
+
+    and |n| > 192 gives 0 (n <= 0) or +inf."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        z = fma(x, EXP_LOG2E, EXP_SHIFT)
+        n = z - EXP_SHIFT
+        b = fma(-n, EXP_LN2_LO, fma(-n, EXP_LN2_HI, x))
+        u = b * b
+        c0, c1, c2, c3, c4 = EXP_C
+        j = fma(fma(fma(c0, b, c1), u, fma(c2, b, c3)), u, fma(c4, b, F32(1)))
+        scaled = (j.astype(F64) * np.exp2(n.astype(F64))).astype(F32)
+        huge = np.abs(n) > 192
+        return np.where(huge, np.where(n <= 0, F32(0), F32(np.inf)), scaled).astype(F32)
+
+
 def libm_expf(x: np.ndarray) -> np.ndarray:
     """expf of the C library, taken as correctly rounded: float64 exp rounded to float32.
 
@@ -135,10 +193,10 @@ def libm_expf(x: np.ndarray) -> np.ndarray:
         return np.exp(np.asarray(x, dtype=F32).astype(F64)).astype(F32)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
+def silu(x: np.ndarray, lanes: int = LANES) -> np.ndarray:
     """ggml_v_silu per lane: x / (1 + expf(0 - x)), each step in float32."""
     x = np.asarray(x, dtype=F32)
-    return x / (F32(1) + expf(F32(0) - x))
+    return x / (F32(1) + expf(F32(0) - x, lanes))
 
 
 def silu_scalar(x: np.ndarray) -> np.ndarray:
@@ -147,21 +205,21 @@ def silu_scalar(x: np.ndarray) -> np.ndarray:
     return x / (F32(1) + libm_expf(-x))
 
 
-def _vector_part(n: int) -> int:
-    """The elements of a row of n that ggml's 8-lane loops cover; the rest go one by one."""
-    return n - n % LANES
+def _vector_part(n: int, lanes: int) -> int:
+    """The elements of a row of n that ggml's vector loops cover; the rest go one by one."""
+    return n - n % lanes
 
 
-def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+def swiglu(g: np.ndarray, u: np.ndarray, lanes: int = LANES) -> np.ndarray:
     """ggml_vec_swiglu_f32 on rows [..., F]: silu(g) * u.
 
-    The first F - F % 8 elements of a row take ggml_v_silu (ggml's expf); the last F % 8
-    ggml_silu_f32, whose expf is the C library's (here `libm_expf`, correctly rounded).
-    Every model's F is a multiple of 8, so in practice only ggml's expf is used.
+    The first F - F % lanes elements of a row take ggml_v_silu (ggml's expf); the last
+    F % lanes ggml_silu_f32, whose expf is the C library's (here `libm_expf`, correctly
+    rounded). Models' F are multiples of 16, so in practice only ggml's expf is used.
     """
     g, u = np.asarray(g, dtype=F32), np.asarray(u, dtype=F32)
-    m = _vector_part(g.shape[-1])
-    act = np.concatenate([silu(g[..., :m]), silu_scalar(g[..., m:])], axis=-1)
+    m = _vector_part(g.shape[-1], lanes)
+    act = np.concatenate([silu(g[..., :m], lanes), silu_scalar(g[..., m:])], axis=-1)
     return act * u
 
 
@@ -328,47 +386,51 @@ def kq_scale(head_dim: int) -> np.float32:
 # ---- softmax ---------------------------------------------------------------------------
 
 
-def hsum8(v: np.ndarray) -> np.ndarray:
-    """The sum of 8 lanes [..., 8] as an AVX2 horizontal add does it, in float32:
+def hsum(v: np.ndarray) -> np.ndarray:
+    """The sum of the lanes [..., W] (W = 8 or 16) as x86 horizontal adds do it, in float32:
+    halving, lane i + lane i + W / 2, until one is left. For 8 lanes
 
         ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
 
     (extractf128 + add, movehl + add, movehdup + add_ss: tinyBLAS's hsum and
-    ggml_vec_soft_max_f32's per-group sum.)
+    ggml_vec_soft_max_f32's per-group sum on AVX2; _mm512_reduce_add_ps on AVX-512.)
     """
     v = np.asarray(v, dtype=F32)
-    half = v[..., 4:] + v[..., :4]  # (l4 + l0, l5 + l1, l6 + l2, l7 + l3)
-    quarter = half[..., :2] + half[..., 2:]  # (h0 + h2, h1 + h3)
-    return quarter[..., 0] + quarter[..., 1]
+    while v.shape[-1] > 1:
+        half = v.shape[-1] // 2
+        v = v[..., half:] + v[..., :half]
+    return v[..., 0]
 
 
-def _lanes(x: np.ndarray, fill: float) -> np.ndarray:
-    """A row [..., n] padded with `fill` to a multiple of 8 and cut into [..., n / 8, 8]."""
-    pad = -x.shape[-1] % LANES
+def _lanes(x: np.ndarray, fill: float, lanes: int) -> np.ndarray:
+    """A row [..., n] padded with `fill` to a multiple of lanes, cut into [..., n / lanes, lanes]."""
+    pad = -x.shape[-1] % lanes
     x = np.concatenate([x, np.full(x.shape[:-1] + (pad,), fill, dtype=x.dtype)], axis=-1)
-    return x.reshape(x.shape[:-1] + (-1, LANES))
+    return x.reshape(x.shape[:-1] + (-1, lanes))
 
 
-def softmax(s: np.ndarray, scale: float, mask: np.ndarray | None = None) -> np.ndarray:
-    """ggml_compute_forward_soft_max_f32 with ggml_vec_soft_max_f32 (AVX2), on rows [..., n].
+def softmax(
+    s: np.ndarray, scale: float, mask: np.ndarray | None = None, lanes: int = LANES
+) -> np.ndarray:  # fmt: skip
+    """ggml_compute_forward_soft_max_f32 with ggml_vec_soft_max_f32, on rows [..., n].
 
         w = s * scale + mask              (ggml_vec_scale_f32, then += mask: 0 or -inf)
         M = max_j w_j
-        e_j = expf(w_j - M)               ggml's expf, 8 lanes at a time
-        sum = sum_groups double(hsum8(e_group))      groups of 8 in order, added in double
+        e_j = expf(w_j - M)               ggml's expf, `lanes` (8 or 16) at a time
+        sum = sum_groups double(hsum(e_group))       groups of `lanes` in order, in double
         p_j = e_j * float(1.0 / sum)      1 / sum in double, rounded to float32 once
 
-    A row's last n % 8 elements take the C library's expf, each added to the double sum
-    on its own. mask: float32 [..., n] of 0 and -inf (masked entries give p = 0), or None.
+    A row's last n % lanes elements take the C library's expf, each added to the double
+    sum on its own. mask: float32 [..., n] of 0 and -inf (masked: p = 0), or None.
     """
     w = np.asarray(s, dtype=F32) * F32(scale)
     if mask is not None:
         w = w + np.asarray(mask, dtype=F32)
     top = w.max(axis=-1, keepdims=True)
-    m = _vector_part(w.shape[-1])
+    m = _vector_part(w.shape[-1], lanes)
     with np.errstate(invalid="ignore"):
-        e = np.concatenate([expf(w[..., :m] - top), libm_expf(w[..., m:] - top)], axis=-1)
-    groups = hsum8(_lanes(e[..., :m], 0.0)).astype(F64)  # (..., m / 8)
+        e = np.concatenate([expf(w[..., :m] - top, lanes), libm_expf(w[..., m:] - top)], axis=-1)
+    groups = hsum(_lanes(e[..., :m], 0.0, lanes)).astype(F64)  # (..., m / lanes)
     tail = e[..., m:].astype(F64)
     terms = np.concatenate([groups, tail], axis=-1)
     total = np.add.accumulate(terms, axis=-1)[..., -1:] if terms.shape[-1] else 0.0

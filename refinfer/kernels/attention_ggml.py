@@ -8,16 +8,16 @@ p sees keys max(0, p - window + 1) .. p), but not its arithmetic: no online soft
 chunks. For each query token t and kv head g, and each of the G query heads h of g:
 
     q16    = float16(q[t, h])                                        (HD,)
-    s_j    = dot8(q16, K[j]) * scale          over d: lane d mod 8, fma, then hsum8
+    s_j    = dot(q16, K[j]) * scale          over d: lane d mod 8, fma, then hsum
     M      = max_j s_j
     e_j    = expf_ggml(s_j - M)
     sum    = sum over groups c of 8 keys (key j in lane j mod 8 of group j // 8) of
-             double(hsum8(e of the group's visible keys, 0 elsewhere)), in increasing c
+             double(hsum(e of the group's visible keys, 0 elsewhere)), in increasing c
     p16_j  = float16(e_j * float(1 / sum))
-    out[d] = hsum8(acc_0[d] .. acc_7[d]),  acc_l[d] = fma(p16_j, V[j, d], acc_l[d])
+    out[d] = hsum(acc_0[d] .. acc_7[d]),  acc_l[d] = fma(p16_j, V[j, d], acc_l[d])
              over the visible keys j = l mod 8, in increasing j
 
-    hsum8(l) = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))       (float32)
+    hsum(l) = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))       (float32)
 
 The pool must hold K and V already rounded to float16 (the model writes them so); q and p
 are rounded here. Everything of one (t, h) depends only on q[t, h], its sequence's visible
@@ -36,11 +36,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from refinfer.kernels.expf import expf_ggml, fma_f32, round_f16
+from refinfer.kernels.expf import expf_ggml_lanes, fma_f32, round_f16
 
 U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
 F32 = np.float32
-LANES = 8  # AVX2 float32 lanes: tinyBLAS's accumulators, the softmax's groups
+MAX_LANES = 16  # float32 lanes of tinyBLAS's accumulators and the softmax's groups: 8 or 16
 MAX_SETS = 64  # scratch sets per call; many more than threads, so uneven items balance
 
 
@@ -51,22 +51,26 @@ def _first_key(pos, window):
 
 
 @njit(inline="always")
-def _hsum8(x, i):
-    """hsum8 of the 8 lanes x[0 .. 7, i]: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+def _hsum(x, i, lanes):
+    """ggml.ops.hsum of the lanes x[0 .. lanes - 1, i] (8 or 16): halving, i + lanes / 2 ...
+    For 8: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    if lanes == 16:
+        a = [x[U(k), i] + x[U(k + 8), i] for k in range(8)]
+        return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
     a0, a1 = x[0, i] + x[4, i], x[1, i] + x[5, i]
     a2, a3 = x[2, i] + x[6, i], x[3, i] + x[7, i]
     return (a0 + a2) + (a1 + a3)
 
 
 @njit(inline="always")
-def _scores(q16, k_cache, table, g, lo, pos, lanes, s):
-    """s[j - lo] = dot8(q16, K[key j]) for the keys j = lo .. pos (unscaled, float32).
+def _scores(q16, k_cache, table, g, lo, pos, W, lanes, s):
+    """s[j - lo] = dot(q16, K[key j]) for the keys j = lo .. pos (unscaled, float32).
 
-    lanes: float32[8, >= n] scratch: lane d mod 8 of each key, accumulated over d in order.
+    lanes: float32[W, >= n] scratch: lane d mod W of each key, accumulated over d in order.
     """
     HD, BS = k_cache.shape[2], k_cache.shape[3]
     n = pos - lo + 1
-    for L in range(LANES):
+    for L in range(W):
         for j in range(n):
             lanes[U(L), U(j)] = F32(0)
     for i in range(lo // BS, pos // BS + 1):  # the pool blocks of the keys, in order
@@ -74,48 +78,48 @@ def _scores(q16, k_cache, table, g, lo, pos, lanes, s):
         j0, j1 = max(lo - i * BS, 0), min(pos - i * BS + 1, BS)  # its slots in lo .. pos
         col = i * BS - lo  # slot jj is column col + jj
         for d in range(HD):
-            L, qd = d % LANES, q16[U(d)]
+            L, qd = d % W, q16[U(d)]
             for jj in range(j0, j1):
                 lanes[U(L), U(col + jj)] = fma_f32(
                     qd, k_cache[U(blk), U(g), U(d), U(jj)], lanes[U(L), U(col + jj)]
                 )
     for j in range(n):
-        s[U(j)] = _hsum8(lanes, U(j))
+        s[U(j)] = _hsum(lanes, U(j), W)
 
 
 @njit(inline="always")
-def _probabilities(s, n, lo, scale, lanes):
+def _probabilities(s, n, lo, scale, W, lanes):
     """s[0 .. n-1] (scores of keys lo .. lo + n - 1) -> float16-rounded softmax(s * scale).
 
-    ggml_vec_soft_max_f32: groups of 8 by key position, each summed by hsum8 in float32,
-    the groups added in double; p = e * float(1 / sum). lanes: float32[8, >= 1] scratch.
+    ggml_vec_soft_max_f32: groups of W by key position, each summed by hsum in float32,
+    the groups added in double; p = e * float(1 / sum). lanes: float32[W, >= 1] scratch.
     """
     top = F32(-np.inf)
     for j in range(n):  # w = s * scale;  M = max w
         s[U(j)] = s[U(j)] * scale
         top = max(top, s[U(j)])
     for j in range(n):
-        s[U(j)] = expf_ggml(s[U(j)] - top)
+        s[U(j)] = expf_ggml_lanes(s[U(j)] - top, W)
     total = 0.0
     pos = lo + n - 1
-    for c in range(lo // LANES, pos // LANES + 1):  # groups of 8 key positions, in order
-        for L in range(LANES):
-            key = c * LANES + L
+    for c in range(lo // W, pos // W + 1):  # groups of W key positions, in order
+        for L in range(W):
+            key = c * W + L
             lanes[U(L), 0] = s[U(key - lo)] if lo <= key <= pos else F32(0)
-        total += np.float64(_hsum8(lanes, 0))
+        total += np.float64(_hsum(lanes, 0, W))
     inv = F32(1.0 / total)
     for j in range(n):
         s[U(j)] = round_f16(s[U(j)] * inv)
 
 
 @njit(inline="always")
-def _values(p16, v_cache, table, g, lo, pos, acc, out, t, h):
-    """out[t, h] = dot8 over the keys lo .. pos of p16 and V (lane: key position mod 8).
+def _values(p16, v_cache, table, g, lo, pos, W, acc, out, t, h):
+    """out[t, h] = dot over the keys lo .. pos of p16 and V (lane: key position mod W).
 
-    acc: float32[8, HD] scratch.
+    acc: float32[W, HD] scratch.
     """
     BS, HD = v_cache.shape[2], v_cache.shape[3]
-    for L in range(LANES):
+    for L in range(W):
         for d in range(HD):
             acc[U(L), U(d)] = F32(0)
     for i in range(lo // BS, pos // BS + 1):
@@ -123,15 +127,15 @@ def _values(p16, v_cache, table, g, lo, pos, acc, out, t, h):
         j0, j1 = max(lo - i * BS, 0), min(pos - i * BS + 1, BS)
         for jj in range(j0, j1):
             key = i * BS + jj
-            L, p = key % LANES, p16[U(key - lo)]
+            L, p = key % W, p16[U(key - lo)]
             for d in range(HD):
                 acc[U(L), U(d)] = fma_f32(p, v_cache[U(blk), U(g), U(jj), U(d)], acc[U(L), U(d)])
     for d in range(HD):
-        out[U(t), U(h), U(d)] = _hsum8(acc, U(d))
+        out[U(t), U(h), U(d)] = _hsum(acc, U(d), W)
 
 
 @njit(inline="always")
-def _attend(q, k_cache, v_cache, table, t, g, pos, window, scale, out, q16, s, lanes, acc):
+def _attend(q, k_cache, v_cache, table, t, g, pos, window, scale, W, out, q16, s, lanes, acc):
     """out[t, h] for the G query heads h of kv head g of token t (one work item)."""
     H, HD = q.shape[1], q.shape[2]
     G = H // k_cache.shape[1]
@@ -139,13 +143,13 @@ def _attend(q, k_cache, v_cache, table, t, g, pos, window, scale, out, q16, s, l
     for h in range(g * G, g * G + G):
         for d in range(HD):
             q16[U(d)] = round_f16(q[U(t), U(h), U(d)])
-        _scores(q16, k_cache, table, g, lo, pos, lanes, s)
-        _probabilities(s, pos - lo + 1, lo, scale, lanes)
-        _values(s, v_cache, table, g, lo, pos, acc, out, t, h)
+        _scores(q16, k_cache, table, g, lo, pos, W, lanes, s)
+        _probabilities(s, pos - lo + 1, lo, scale, W, lanes)
+        _values(s, v_cache, table, g, lo, pos, W, acc, out, t, h)
 
 
 @njit(cache=True, parallel=True)
-def _attend_all(q, k_cache, v_cache, block_tables, seq_index, positions, window, scale, out):
+def _attend_all(q, k_cache, v_cache, block_tables, seq_index, positions, window, scale, W, out):
     T, _, HD = q.shape
     KVH = k_cache.shape[1]
     n_items = T * KVH  # (token, kv head) pairs
@@ -155,20 +159,19 @@ def _attend_all(q, k_cache, v_cache, block_tables, seq_index, positions, window,
         longest = max(longest, positions[t] - _first_key(positions[t], window) + 1)
     q16 = np.empty((n_sets, HD), dtype=np.float32)  # per set: the float16-rounded query
     s = np.empty((n_sets, longest), dtype=np.float32)  # scores, then probabilities
-    lanes = np.empty((n_sets, LANES, longest), dtype=np.float32)  # score lanes
-    acc = np.empty((n_sets, LANES, HD), dtype=np.float32)  # value lanes
+    lanes = np.empty((n_sets, MAX_LANES, longest), dtype=np.float32)  # score lanes
+    acc = np.empty((n_sets, MAX_LANES, HD), dtype=np.float32)  # value lanes
     for k in prange(n_sets):
         for item in range(k, n_items, n_sets):  # round-robin: item i -> set i % n_sets
             t, g = item // KVH, item % KVH
             _attend(
                 q, k_cache, v_cache, block_tables[seq_index[t]], t, g, positions[t], window,
-                scale, out, q16[k], s[k], lanes[k], acc[k],
+                scale, W, out, q16[k], s[k], lanes[k], acc[k],
             )  # fmt: skip
 
 
-@njit(cache=True)
 def paged_attention_ggml(q, k_cache, v_cache, block_tables, seq_index, positions, window, scale,
-                         out):  # fmt: skip
+                         out, lanes=None):  # fmt: skip
     """out[t, h] = llama.cpp's (non-flash) attention of q[t, h] over its sequence's paged K/V.
 
     Arguments as kernels.attention.paged_attention: q float32[T, H, HD] (RoPE applied, not
@@ -176,8 +179,12 @@ def paged_attention_ggml(q, k_cache, v_cache, block_tables, seq_index, positions
     v_cache float32[n_blocks, KVH, BS, HD] holding float16-rounded values; block_tables
     int32[S, max_blocks]; seq_index, positions int32[T]; window (0: none); scale: kq_scale,
     applied to the float32 score after the dot product (ggml.ops.kq_scale(HD) for
-    llama.cpp's models; Gemma 3 scales q before, and kq_scale is 1).
+    llama.cpp's models; Gemma 3 scales q before, and kq_scale is 1). lanes: 8 (AVX2) or 16
+    (AVX-512) as llama.cpp's build (default: this host's, ggml.ops.host_simd).
     """
+    from refinfer.ggml.ops import LANES
+
     _attend_all(
-        q, k_cache, v_cache, block_tables, seq_index, positions, window, np.float32(scale), out
-    )
+        q, k_cache, v_cache, block_tables, seq_index, positions, window, np.float32(scale),
+        LANES if lanes is None else lanes, out,
+    )  # fmt: skip

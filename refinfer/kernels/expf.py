@@ -34,6 +34,8 @@ gives the same bits (the test holds the two together over every float32).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -228,3 +230,27 @@ def expf_ggml(x):
         s2 = bits_f32((e - g) & M32)
         return fma_f32(s2, j, s2) * s1
     return fma_f32(k, j, k)  # k (1 + j)
+
+
+@njit(inline="always")
+def expf_ggml_avx512(x):
+    """ggml_v_expf's AVX-512 variant of one float32 lane; the same bits as ops._expf_avx512."""
+    z = fma_f32(x, EXP_LOG2E, EXP_SHIFT)
+    n = z - EXP_SHIFT
+    b = fma_f32(-n, EXP_LN2_LO, fma_f32(-n, EXP_LN2_HI, x))
+    u = b * b
+    j = fma_f32(
+        fma_f32(fma_f32(EXP_C[0], b, EXP_C[1]), u, fma_f32(EXP_C[2], b, EXP_C[3])), u,
+        fma_f32(EXP_C[4], b, F(1)),
+    )  # fmt: skip  # j = e^b
+    if abs(n) > F192:
+        return F(0) if n <= F(0) else F(np.inf)
+    if n != n:
+        return n
+    return F(math.ldexp(np.float64(j), int(n)))  # scalef(j, n): exact in float64, one rounding
+
+
+@njit(inline="always")
+def expf_ggml_lanes(x, lanes):
+    """ggml's expf as its build of `lanes` float32 lanes computes it (8: AVX2, 16: AVX-512)."""
+    return expf_ggml_avx512(x) if lanes == 16 else expf_ggml(x)

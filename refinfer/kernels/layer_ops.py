@@ -24,7 +24,7 @@ from functools import cache
 import numpy as np
 from numba import njit, prange
 
-from refinfer.kernels.expf import expf, expf_ggml, f16_bits, fma_f32
+from refinfer.kernels.expf import expf, expf_ggml_lanes, f16_bits, fma_f32
 
 U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
 ONE = np.float32(1)
@@ -168,7 +168,6 @@ glu = _per_token(_glu_serial, _glu_parallel)
 # ---- numerics="ggml": llama.cpp's RMSNorm and GLU (twins: refinfer/ggml/ops.py) -------
 
 F32 = np.float32
-LANES = 8  # ggml's AVX2 loops: 8 lanes at a time, the leftovers one by one
 GELU_LIMIT = F32(10)  # beyond +-10 ggml_vec_geglu_f32 skips its table
 
 
@@ -206,9 +205,9 @@ rms_norm_ggml = _per_token(_rms_norm_ggml_serial, _rms_norm_ggml_parallel)
 
 
 @njit(inline="always")
-def _glu_ggml_token(gate, up, gelu, table, out, t):
+def _glu_ggml_token(gate, up, gelu, table, lanes, out, t):
     F = gate.shape[1]
-    m = F - F % LANES  # ggml's vector part; the rest take the scalar code
+    m = F - F % lanes  # ggml's vector part; the rest take the scalar code
     for i in range(F):
         g, u = gate[t, U(i)], up[t, U(i)]
         if gelu:  # ggml_vec_geglu_f32, GGML_GELU_FP16: GELU read from a float16 table
@@ -219,30 +218,31 @@ def _glu_ggml_token(gate, up, gelu, table, out, t):
             else:
                 y = table[U(f16_bits(g))] * u
         elif i < m:  # ggml_v_silu: g / (1 + expf(0 - g)), ggml's expf
-            y = g / (ONE + expf_ggml(F32(0) - g)) * u
+            y = g / (ONE + expf_ggml_lanes(F32(0) - g, lanes)) * u
         else:  # ggml_silu_f32 with the C library's expf (correctly rounded here)
             y = g / (ONE + F32(math.exp(np.float64(-g)))) * u
         out[t, U(i)] = y
 
 
 @njit(cache=True, error_model="numpy")
-def _glu_ggml_serial(gate, up, gelu, table, out):
+def _glu_ggml_serial(gate, up, gelu, table, lanes, out):
     """out = act(gate) * up for float32[T, F] as ggml computes it (ggml.ops.swiglu / geglu).
 
     SiLU (gelu False): ggml_vec_swiglu_f32, silu(g) = g / (1 + expf(0 - g)) with ggml's
-    expf (kernels.expf.expf_ggml) on the first F - F % 8 elements of a row, the C
-    library's expf on the last F % 8. GELU (gelu True): ggml_vec_geglu_f32, 0 for
+    expf (kernels.expf.expf_ggml_lanes) on the first F - F % lanes elements of a row, the
+    C library's expf on the last F % lanes (lanes: 8 on AVX2, 16 on AVX-512, ggml.ops.Simd).
+    GELU (gelu True): ggml_vec_geglu_f32, 0 for
     g <= -10, g u for g >= 10, else table[float16 bits of g] * u (table: ggml.ops.gelu_table,
     float32[65536]). out may be gate.
     """
     for t in range(gate.shape[0]):
-        _glu_ggml_token(gate, up, gelu, table, out, t)
+        _glu_ggml_token(gate, up, gelu, table, lanes, out, t)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _glu_ggml_parallel(gate, up, gelu, table, out):
+def _glu_ggml_parallel(gate, up, gelu, table, lanes, out):
     for t in prange(gate.shape[0]):
-        _glu_ggml_token(gate, up, gelu, table, out, t)
+        _glu_ggml_token(gate, up, gelu, table, lanes, out, t)
 
 
 @cache
@@ -253,11 +253,13 @@ def _gelu_table() -> np.ndarray:
     return gelu_table()
 
 
-def glu_ggml(gate, up, gelu, out):
+def glu_ggml(gate, up, gelu, out, lanes=None):
     """out = act(gate) * up for gate, up float32[T, F], as llama.cpp computes it.
 
     act is SiLU, or GELU (tanh form, from ggml's float16 table) if `gelu`; see
     _glu_ggml_serial. One thread below PARALLEL_TOKENS tokens; same bits either way.
     """
+    from refinfer.ggml.ops import LANES  # the host's build (ggml.ops.host_simd)
+
     op = _glu_ggml_parallel if len(gate) >= PARALLEL_TOKENS else _glu_ggml_serial
-    op(gate, up, gelu, _gelu_table(), out)
+    op(gate, up, gelu, _gelu_table(), LANES if lanes is None else lanes, out)
