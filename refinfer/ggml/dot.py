@@ -21,9 +21,16 @@ absent for the 32-blocks) and d, dmin, m f16 floats. For activations a = d_a * q
 
 block by block in order, and y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
 That is ggml's own structure on AVX2 (8 int32 lanes of 4 products each, one FMA per
-block into 8 float lanes, the same final tree); where ggml's kernels differ (the mins
-in 4 lanes of their own, Q4_0 and Q4_K repacked 8 rows at a time), the float sums
-differ in their last bits, never the integers (README, "Numerics").
+block into 8 float lanes, the same final tree: ggml_vec_dot_<type>_q8_* and llamafile's
+tinyBLAS_Q0). The formats llama.cpp repacks 8 rows at a time on x86 (ops.Simd.repacked:
+Q4_0, Q4_K, IQ4_NL, and Q2_K on AVX-512) have one int32 per block instead:
+
+    acc  = fma(float(sum_l lane[l]), d * d_a, acc)
+    accm = fma(float(sum_i m[i] * bsum_i), dmin * d_a, accm)         y = acc - accm
+
+(arch/x86/repack.cpp, gemv and gemm alike). Where ggml's kernels still differ (the mins
+of the vec_dot K-quants in 4 lanes of their own), the float sums differ in their last
+bits, never the integers (README, "Numerics").
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refinfer import quant
-from refinfer.ggml.ops import fma
+from refinfer.ggml.ops import HOST, fma
 from refinfer.ggml.quantize import ACTIVATION_TYPE, QUANTIZE
 from refinfer.quant import QTensor, _bits, _f16, _k4_scales_mins, _nibbles, _planes, _q3_k_scales
 
@@ -158,13 +165,19 @@ def _lanes(q: np.ndarray, c: WeightCodes, b: int) -> np.ndarray:
     return groups.reshape(*groups.shape[:2], -1, LANES).sum(axis=-2)
 
 
-def matmul(x: np.ndarray, w: QTensor) -> np.ndarray:
-    """y float32[T, N] = x[T, K] @ W^T in ggml's arithmetic, for a block-quantised W."""
+def matmul(x: np.ndarray, w: QTensor, repacked: bool | None = None) -> np.ndarray:
+    """y float32[T, N] = x[T, K] @ W^T in ggml's arithmetic, for a block-quantised W.
+
+    repacked: whether llama.cpp repacks W (default: as it does on this host, ops.HOST)."""
+    if repacked is None:
+        repacked = w.format.name in HOST.repacked
     x = np.asarray(x, F32)
     qk = w.format.block_size
     a = QUANTIZE[ACTIVATION_TYPE[w.format.name]](x)
     c = weight_codes(w)
     T, N = x.shape[0], w.shape[0]
+    if repacked:
+        return _matmul_repacked(a, c, T, N, qk)
     acc = np.zeros((T, N, LANES), F32)
     for b in range(w.shape[1] // qk):
         q = a.qs[:, b * qk : (b + 1) * qk]
@@ -180,3 +193,18 @@ def matmul(x: np.ndarray, w: QTensor) -> np.ndarray:
     return ((acc[..., 0] + acc[..., 4]) + (acc[..., 2] + acc[..., 6])) + (
         (acc[..., 1] + acc[..., 5]) + (acc[..., 3] + acc[..., 7])
     )
+
+
+def _matmul_repacked(a, c: WeightCodes, T: int, N: int, qk: int) -> np.ndarray:
+    """The repacked kernels' arithmetic (module doc): one int32 per block, mins apart."""
+    acc = np.zeros((T, N), F32)
+    accm = np.zeros((T, N), F32)
+    for b in range(c.codes.shape[1]):
+        q = a.qs[:, b * qk : (b + 1) * qk]
+        total = _lanes(q, c, b).sum(axis=-1)  # (T, N): the block's integer dot product
+        acc = fma(total.astype(F32), c.d[None, :, b] * a.d[:, b, None], acc)
+        if c.mins is not None:
+            bsums = a.bsums[:, b * 16 : (b + 1) * 16].astype(np.int64)
+            mins = (c.mins[None, :, b, :] * bsums[:, None, :]).sum(axis=-1)
+            accm = fma(mins.astype(F32), c.dmin[None, :, b] * a.d[:, b, None], accm)
+    return acc - accm if c.mins is not None else acc

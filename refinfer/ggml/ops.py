@@ -40,9 +40,16 @@ class Simd:
 
     name: str
     lanes: int
+    # weight formats llama.cpp repacks into 8-row interleaved blocks on this build
+    # (repack.cpp ggml_repack_get_optimal_repack_type; matrices of N % 8 == 0 rows), whose
+    # kernels sum each block's products into one int32 before scaling it (ggml/dot.py)
+    repacked: frozenset
 
 
-SIMD = {"avx2": Simd("avx2", 8), "avx512": Simd("avx512", 16)}
+SIMD = {
+    "avx2": Simd("avx2", 8, frozenset({"q4_0", "q4_k", "iq4_nl"})),
+    "avx512": Simd("avx512", 16, frozenset({"q4_0", "q4_k", "iq4_nl", "q2_k"})),
+}
 
 
 def host_simd() -> Simd:
@@ -61,7 +68,8 @@ def host_simd() -> Simd:
     return SIMD[name]
 
 
-LANES = host_simd().lanes  # the default of every function below whose bits depend on it
+HOST = host_simd()
+LANES = HOST.lanes  # the default of every function below whose bits depend on it
 
 
 # ---- float16 rounding and the fused multiply-add ------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 from refinfer import quant
 from refinfer.errors import UnsupportedFormatError
 from refinfer.ggml.dot import round_activations
+from refinfer.ggml.ops import HOST
 from refinfer.ggml.quantize import ACTIVATION_TYPE
 from refinfer.kernels import matmul as _mm
 from refinfer.kernels import matmul_blocks as _mb
@@ -63,6 +64,8 @@ _MATMUL = {
 # quantised to the format's ACTIVATION_TYPE; the float formats keep their kernels above and
 # take x rounded to their own type (ggml/dot.round_activations)
 _MATMUL_INT8 = {name: getattr(_mi, f"matmul_{name}") for name in ACTIVATION_TYPE}
+# ... and those llama.cpp repacks on this host's build (ggml.ops.Simd), with its arithmetic
+_MATMUL_INT8.update({name: getattr(_mi, f"matmul_{name}_repacked") for name in HOST.repacked})
 
 
 MAX_FUSED = 3  # matrices per Linear (Wq, Wk, Wv)

@@ -340,6 +340,25 @@ def _int_iq4_xs(builder, raw, table, o, ssse3):
 # ---- the block step ----------------------------------------------------------------------
 
 
+def _repacked_step(builder, a, blk, sumi, d_a, bsums):
+    """<8 x float> a after one block of a repacked format (ggml/dot.py): lane 0 =
+    fma(float(sum of the lanes), d d_a, lane 0); lane 1 = fma(float(mins . bsums),
+    -(dmin d_a), lane 1) for the K-quants with mins."""
+    fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
+    reduce8 = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", I32, [V8I32])
+    total = builder.sitofp(builder.call(reduce8, [sumi]), F32)
+    lane0 = builder.call(fma1, [total, builder.fmul(blk.d, d_a), builder.extract_element(a, I32(0))])
+    a = builder.insert_element(a, lane0, I32(0))
+    if blk.mins is None:
+        return a
+    reduce16 = _intrinsic_fn(builder, "llvm.vector.reduce.add.v16i32", I32, [V16I32])
+    mins = builder.sitofp(builder.call(reduce16, [builder.mul(blk.mins, bsums)]), F32)
+    coef = builder.fneg(builder.fmul(blk.dmin, d_a))
+    lane1 = builder.call(fma1, [mins, coef, builder.extract_element(a, I32(1))])
+    return builder.insert_element(a, lane1, I32(1))
+
+
+
 def _act_fields(builder, x_p, xo, act, n_chunks):
     """(d_a, s_a or None, [<32 x i8> per chunk], <16 x i32> bsums or None) of a token's block."""
     d_a = _load(builder, x_p, xo, F32)
@@ -352,11 +371,13 @@ def _act_fields(builder, x_p, xo, act, n_chunks):
     return d_a, s_a, qa, bsums
 
 
-def _int_block_intrinsic(decode, fmt, act):
+def _int_block_intrinsic(decode, fmt, act, repacked=False):
     """The integer block step of one weight format, with the signature of
     matmul_blocks._block_intrinsic: for each row r and token g of the tile,
         acc[r G + g] = fma(d * d_a, float(sum over chunks of lanes * scales), acc[r G + g])
-    then lane 0 takes the block's min (K-quants) or offset (Q4_1 / Q5_1) term (ggml/dot.py)."""
+    then lane 0 takes the block's min (K-quants) or offset (Q4_1 / Q5_1) term. `repacked`:
+    as llama.cpp's repacked kernels, the block's lanes summed into one int32 scaled into
+    lane 0, and its mins into lane 1, negated (y = lane 0 + lane 1) (ggml/dot.py)."""
 
     def typer(typingctx, acc, raw, offset, row_bytes, table, x, x_offset, XK, R, G):
         if not (isinstance(R, types.IntegerLiteral) and isinstance(G, types.IntegerLiteral)):
@@ -394,6 +415,9 @@ def _int_block_intrinsic(decode, fmt, act):
                         sumi = lanes if sumi is None else builder.add(sumi, lanes)
                     slot = I64(8 * (r * n_tokens + g))
                     a = _load(builder, acc_p, slot, V8F)
+                    if repacked:
+                        _store(builder, _repacked_step(builder, a, blk, sumi, d_a, bsums), acc_p, slot)
+                        continue
                     dd = _splat(builder, builder.fmul(blk.d, d_a))
                     a = builder.call(fma, [dd, builder.sitofp(sumi, V8F), a])
                     if blk.mins is not None:  # lane 0 += -(d_a dmin) sum_i m_i bsum_i
@@ -502,3 +526,35 @@ def matmul_q6_k(xq, raws, table, ys):
 def matmul_iq4_xs(xq, raws, table, ys):
     """ys[i] = x @ W_i^T for W_i in block_iq4_xs, x as Q8_K."""
     _matmul_blocks(_dot_iq4_xs, 136, 292, xq, raws, table, ys)
+
+
+# The formats llama.cpp repacks on x86 (ggml.ops.Simd.repacked), with its repacked kernels'
+# arithmetic: one int32 per block (ggml/dot.py).
+_dot_q4_0_repacked = _int_block_intrinsic(_int_q4_0, quant.Q4_0, "q8_0", repacked=True)
+_dot_iq4_nl_repacked = _int_block_intrinsic(_int_iq4_nl, quant.IQ4_NL, "q8_0", repacked=True)
+_dot_q4_k_repacked = _int_block_intrinsic(_int_q4_k, quant.Q4_K, "q8_k", repacked=True)
+_dot_q2_k_repacked = _int_block_intrinsic(_int_q2_k, quant.Q2_K, "q8_k", repacked=True)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q4_0_repacked(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_0, x as Q8_0, as llama.cpp's repacked Q4_0x8."""
+    _matmul_blocks(_dot_q4_0_repacked, 18, 36, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_iq4_nl_repacked(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_iq4_nl, x as Q8_0, as llama.cpp's repacked IQ4_NLx8."""
+    _matmul_blocks(_dot_iq4_nl_repacked, 18, 36, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q4_k_repacked(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q4_K, x as Q8_K, as llama.cpp's repacked Q4_Kx8."""
+    _matmul_blocks(_dot_q4_k_repacked, 144, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q2_k_repacked(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q2_K, x as Q8_K, as llama.cpp's repacked Q2_Kx8."""
+    _matmul_blocks(_dot_q2_k_repacked, 84, 292, xq, raws, table, ys)
