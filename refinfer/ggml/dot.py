@@ -23,14 +23,20 @@ block by block in order, and y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5
 That is ggml's own structure on AVX2 (8 int32 lanes of 4 products each, one FMA per
 block into 8 float lanes, the same final tree: ggml_vec_dot_<type>_q8_* and llamafile's
 tinyBLAS_Q0). The formats llama.cpp repacks 8 rows at a time on x86 (ops.Simd.repacked:
-Q4_0, Q4_K, IQ4_NL, and Q2_K on AVX-512) have one int32 per block instead:
+Q4_0, Q4_K, IQ4_NL, and Q2_K on AVX-512) have one int32 per unit of 32 (Q4_0, IQ4_NL),
+64 (Q4_K) or 128 (Q2_K) weights instead, in one float accumulator per output:
 
-    acc  = fma(float(sum_l lane[l]), d * d_a, acc)
-    accm = fma(float(sum_i m[i] * bsum_i), dmin * d_a, accm)         y = acc - accm
+    acc  = fma(float(sum over the unit of sc c q), d * d_a, acc)
+    accm = fma(float(sum over the unit of m bsum), dmin * d_a, accm)      y = acc - accm
 
-(arch/x86/repack.cpp, gemv and gemm alike). Where ggml's kernels still differ (the mins
-of the vec_dot K-quants in 4 lanes of their own), the float sums differ in their last
-bits, never the integers (README, "Numerics").
+(arch/x86/repack.cpp's gemm, which takes the tokens 4 at a time; its gemv, for the last
+T % 4 tokens of a batch, sums a whole super-block first, so llama.cpp's own results for
+those few tokens differ in the last bits from the rest). The other K-quants take llama.cpp's tiled
+kernel in batches of 8 tokens or more, one int32 per super-block too (`_matmul_tiled`);
+in smaller batches llama.cpp takes ggml_vec_dot_*, whose lanes are the 8 above, so its own
+decode and prefill differ there, and refinfer (one arithmetic for every batch) follows the
+prefill. Where ggml's kernels still differ (the mins of the vec_dot K-quants in 4 lanes
+of their own), the float sums differ in their last bits, never the integers (README).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refinfer import quant
-from refinfer.ggml.ops import HOST, fma
+from refinfer.ggml.ops import HOST, TILED, Simd, fma
 from refinfer.ggml.quantize import ACTIVATION_TYPE, QUANTIZE
 from refinfer.quant import QTensor, _bits, _f16, _k4_scales_mins, _nibbles, _planes, _q3_k_scales
 
@@ -120,7 +126,8 @@ def _codes_k(b: np.ndarray, name: str) -> dict:
         low = _planes(b[:, 0:128].reshape(-1, 64), 4).reshape(-1, 256)
         high = _planes(b[:, 128:192].reshape(-1, 32), 2).reshape(-1, 256)
         q = (low | (high << 4)).astype(np.int8) - 32
-        return {"codes": q, "d": _f16(b[:, 208:210]), "scales": _groups(b[:, 192:208].view(np.int8), 16)}
+        return {"codes": q, "d": _f16(b[:, 208:210]),
+                "scales": _groups(b[:, 192:208].view(np.int8), 16)}  # fmt: skip
     # iq4_xs
     high = _planes(b[:, 2:4], 2).transpose(0, 2, 1).reshape(-1, 8)
     low = np.stack([b[:, 4:8] & 0xF, b[:, 4:8] >> 4], axis=-1).reshape(-1, 8)
@@ -165,29 +172,32 @@ def _lanes(q: np.ndarray, c: WeightCodes, b: int) -> np.ndarray:
     return groups.reshape(*groups.shape[:2], -1, LANES).sum(axis=-2)
 
 
-def matmul(x: np.ndarray, w: QTensor, repacked: bool | None = None) -> np.ndarray:
-    """y float32[T, N] = x[T, K] @ W^T in ggml's arithmetic, for a block-quantised W.
+def kernel_of(name: str, simd: Simd = HOST) -> str:
+    """Which of llama.cpp's kernels multiplies weights of format `name` on `simd`'s build:
+    "repacked", "tiled" (K-quants, batches of 8 tokens or more) or "vec_dot"."""
+    if name in simd.repacked:
+        return "repacked"
+    return "tiled" if name in TILED else "vec_dot"
 
-    repacked: whether llama.cpp repacks W (default: as it does on this host, ops.HOST)."""
-    if repacked is None:
-        repacked = w.format.name in HOST.repacked
+
+def matmul(x: np.ndarray, w: QTensor, simd: Simd = HOST) -> np.ndarray:
+    """y float32[T, N] = x[T, K] @ W^T in ggml's arithmetic, for a block-quantised W, with
+    the kernel llama.cpp's build `simd` (default: this host's) runs for W's format."""
     x = np.asarray(x, F32)
     qk = w.format.block_size
     a = QUANTIZE[ACTIVATION_TYPE[w.format.name]](x)
     c = weight_codes(w)
     T, N = x.shape[0], w.shape[0]
-    if repacked:
-        return _matmul_repacked(a, c, T, N, qk)
+    kernel = kernel_of(w.format.name, simd)
+    if kernel == "repacked":
+        return _matmul_repacked(a, c, T, N, qk, REPACK_UNIT[w.format.name])
+    if kernel == "tiled":
+        return _matmul_tiled(a, c, T, N)
     acc = np.zeros((T, N, LANES), F32)
     for b in range(w.shape[1] // qk):
         q = a.qs[:, b * qk : (b + 1) * qk]
         dd = c.d[None, :, b] * a.d[:, b, None]  # (T, N): d * d_a
         acc = fma(dd[..., None], _lanes(q, c, b).astype(F32), acc)
-        if c.mins is not None:  # - d_a dmin sum_i m_i bsum_i
-            bsums = a.bsums[:, b * 16 : (b + 1) * 16].astype(np.int64)  # (T, 16)
-            mins = (c.mins[None, :, b, :] * bsums[:, None, :]).sum(axis=-1)  # (T, N)
-            coef = -(a.d[:, b, None] * c.dmin[None, :, b])
-            acc[..., 0] = fma(coef, mins.astype(F32), acc[..., 0])
         if c.m is not None:  # + m s_a
             acc[..., 0] = fma(np.broadcast_to(c.m[None, :, b], (T, N)), a.s[:, b, None], acc[..., 0])
     return ((acc[..., 0] + acc[..., 4]) + (acc[..., 2] + acc[..., 6])) + (
@@ -195,16 +205,55 @@ def matmul(x: np.ndarray, w: QTensor, repacked: bool | None = None) -> np.ndarra
     )
 
 
-def _matmul_repacked(a, c: WeightCodes, T: int, N: int, qk: int) -> np.ndarray:
-    """The repacked kernels' arithmetic (module doc): one int32 per block, mins apart."""
+# weights per FMA in llama.cpp's repacked gemm kernels (its `sb` loops; arch/x86/repack.cpp)
+REPACK_UNIT = {"q4_0": 32, "iq4_nl": 32, "q4_k": 64, "q2_k": 128}
+
+
+def _matmul_repacked(a, c: WeightCodes, T: int, N: int, qk: int, unit: int) -> np.ndarray:
+    """The repacked gemm kernels' arithmetic (module doc), one FMA per `unit` weights:
+
+        acc  = fma(float(sum over the unit of sc c q), d * d_a, acc)
+        accm = fma(float(sum over the unit of m bsum), dmin * d_a, accm)     y = acc - accm
+    """
     acc = np.zeros((T, N), F32)
     accm = np.zeros((T, N), F32)
     for b in range(c.codes.shape[1]):
         q = a.qs[:, b * qk : (b + 1) * qk]
-        total = _lanes(q, c, b).sum(axis=-1)  # (T, N): the block's integer dot product
-        acc = fma(total.astype(F32), c.d[None, :, b] * a.d[:, b, None], acc)
+        prod = q[:, None, :].astype(np.int64) * c.codes[None, :, b, :]  # (T, N, QK)
+        groups = prod.reshape(T, N, -1, 4).sum(axis=-1)  # (T, N, QK / 4)
+        if c.scales is not None:
+            groups = groups * c.scales[None, :, b, :]
+        totals = groups.reshape(T, N, -1, unit // 4).sum(axis=-1)  # (T, N, QK / unit)
+        dd = c.d[None, :, b] * a.d[:, b, None]
+        if c.mins is not None:
+            bsums = a.bsums[:, b * 16 : (b + 1) * 16].astype(np.int64)  # (T, 16)
+            mins = (c.mins[None, :, b, :] * bsums[:, None, :]).reshape(T, N, -1, unit // 16)
+            mins = mins.sum(axis=-1)  # (T, N, QK / unit)
+        for u in range(totals.shape[-1]):
+            acc = fma(totals[..., u].astype(F32), dd, acc)
+            if c.mins is not None:
+                accm = fma(mins[..., u].astype(F32), c.dmin[None, :, b] * a.d[:, b, None], accm)
+    return acc - accm if c.mins is not None else acc
+
+
+def _matmul_tiled(a, c: WeightCodes, T: int, N: int) -> np.ndarray:
+    """The tiled K-quant kernel's arithmetic, super-block by super-block (tiled-kernel.cpp):
+
+        r   = float(sum_s sc_s sum_{j in s} c_j q_j) * d          (one int32 per block)
+        r   = fma(-dmin, float(sum_s m_s bsum_s), r)                (formats with mins)
+        acc = fma(r, d_a, acc)
+
+    (The AVX-512 VNNI kernel writes acc + r * d_a with intrinsics, but GCC contracts that
+    multiply and add into an FMA too, as -ffp-contract=fast allows: measured bit for bit.)
+    """
+    acc = np.zeros((T, N), F32)
+    for b in range(c.codes.shape[1]):
+        q = a.qs[:, b * 256 : (b + 1) * 256]
+        total = _lanes(q, c, b).sum(axis=-1).astype(F32)  # (T, N)
+        r = total * c.d[None, :, b]
         if c.mins is not None:
             bsums = a.bsums[:, b * 16 : (b + 1) * 16].astype(np.int64)
-            mins = (c.mins[None, :, b, :] * bsums[:, None, :]).sum(axis=-1)
-            accm = fma(mins.astype(F32), c.dmin[None, :, b] * a.d[:, b, None], accm)
-    return acc - accm if c.mins is not None else acc
+            mins = (c.mins[None, :, b, :] * bsums[:, None, :]).sum(axis=-1).astype(F32)
+            r = fma(np.broadcast_to(-c.dmin[None, :, b], (T, N)), mins, r)
+        acc = fma(r, a.d[:, b, None], acc)
+    return acc

@@ -46,10 +46,13 @@ class Simd:
     repacked: frozenset
 
 
+_REPACKED_AVX2 = frozenset({"q4_0", "q4_k", "iq4_nl"})
 SIMD = {
-    "avx2": Simd("avx2", 8, frozenset({"q4_0", "q4_k", "iq4_nl"})),
-    "avx512": Simd("avx512", 16, frozenset({"q4_0", "q4_k", "iq4_nl", "q2_k"})),
+    "avx2": Simd("avx2", 8, _REPACKED_AVX2),
+    "avx512": Simd("avx512", 16, _REPACKED_AVX2 | {"q2_k"}),
 }
+# K-quants llama.cpp multiplies with its tiled kernel when not repacked (tiled.cpp)
+TILED = frozenset({"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"})
 
 
 def host_simd() -> Simd:
@@ -64,7 +67,9 @@ def host_simd() -> Simd:
         features = ll.get_host_cpu_features()
         name = "avx512" if features.get("avx512f") and features.get("avx512dq") else "avx2"
     if name not in SIMD:
-        raise InvalidParameterError(f"REFINFER_GGML_SIMD must be avx2 or avx512, not {name!r}")
+        raise InvalidParameterError(
+            f"REFINFER_GGML_SIMD must be one of {', '.join(SIMD)}, not {name!r}"
+        )
     return SIMD[name]
 
 

@@ -92,7 +92,9 @@ def quantize_q8_k(x: np.ndarray) -> Q8Blocks:
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = np.where(top != 0, F32(-127) / top, F32(0)).astype(F32)
         d = np.where(top != 0, F32(1) / iscale, F32(0)).astype(F32)
-    qs = np.minimum(np.rint(iscale * blocks), 127).astype(np.int8)  # ggml's nearest_int
+    # ggml's nearest_int rounds the float32 product (ggml-base is built without FMA, so
+    # iscale * x + 1.5 2^23 is not fused): ties of the rounded product go to even
+    qs = np.minimum(np.rint(iscale * blocks), 127).astype(np.int8)
     bsums = qs.reshape(T, -1, 16).astype(np.int16).sum(axis=-1, dtype=np.int16)
     return Q8Blocks(qs.reshape(T, K), d[..., 0], bsums=bsums)
 

@@ -63,9 +63,8 @@ _MATMUL = {
 # numerics="ggml": format name -> int8 kernel (matmul_int8.py), run on the activations
 # quantised to the format's ACTIVATION_TYPE; the float formats keep their kernels above and
 # take x rounded to their own type (ggml/dot.round_activations)
-_MATMUL_INT8 = {name: getattr(_mi, f"matmul_{name}") for name in ACTIVATION_TYPE}
-# ... and those llama.cpp repacks on this host's build (ggml.ops.Simd), with its arithmetic
-_MATMUL_INT8.update({name: getattr(_mi, f"matmul_{name}_repacked") for name in HOST.repacked})
+# (each with the arithmetic of the kernel llama.cpp's build for this host runs: ggml/dot.py)
+_MATMUL_INT8 = {name: _mi.kernel(name, HOST) for name in ACTIVATION_TYPE}
 
 
 MAX_FUSED = 3  # matrices per Linear (Wq, Wk, Wv)

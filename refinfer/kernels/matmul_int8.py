@@ -35,6 +35,7 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
 from refinfer import quant
+from refinfer.ggml.dot import REPACK_UNIT, kernel_of
 from refinfer.kernels.matmul_blocks import (
     CACHE_LINE, F32, I8, I16, I32, I64, PREFETCH_BYTES, V8F, _const, _f16, _field, _has_ssse3,
     _high_bits, _iq4, _k4_six_bits, _load, _matmul_blocks, _nibbles, _shuffle, _splat, _store,
@@ -130,7 +131,7 @@ def _quantize_token(x, kind, out, t):
         for j in range(0, 256, 16):
             s = 0
             for i in range(j, j + 16):
-                q = min(127, int(np.rint(iscale * x[t, k0 + i])))
+                q = min(127, int(np.rint(iscale * x[t, k0 + i])))  # the float32 product
                 out_q[t, o + 4 + i] = q
                 s += q
             out_h[t, (o + 260) // 2 + j // 16] = s
@@ -340,22 +341,49 @@ def _int_iq4_xs(builder, raw, table, o, ssse3):
 # ---- the block step ----------------------------------------------------------------------
 
 
-def _repacked_step(builder, a, blk, sumi, d_a, bsums):
-    """<8 x float> a after one block of a repacked format (ggml/dot.py): lane 0 =
-    fma(float(sum of the lanes), d d_a, lane 0); lane 1 = fma(float(mins . bsums),
-    -(dmin d_a), lane 1) for the K-quants with mins."""
+def _repacked_step(unit):
+    """The step of a repacked gemm kernel (ggml/dot._matmul_repacked) for units of `unit`
+    weights: per unit, lane 0 = fma(float(sum), d d_a, lane 0) and, for the K-quants with
+    mins, lane 1 = fma(float(mins . bsums), -(dmin d_a), lane 1) (y = lane 0 + lane 1)."""
+
+    def step(builder, a, blk, chunk_lanes, d_a, bsums):
+        fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
+        reduce8 = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", I32, [V8I32])
+        dd = builder.fmul(blk.d, d_a)
+        per_unit = unit // 32  # chunks of 32 weights per unit
+        lane0, lane1 = builder.extract_element(a, I32(0)), builder.extract_element(a, I32(1))
+        for u in range(0, len(chunk_lanes), per_unit):
+            lanes = chunk_lanes[u]
+            for more in chunk_lanes[u + 1 : u + per_unit]:
+                lanes = builder.add(lanes, more)
+            total = builder.sitofp(builder.call(reduce8, [lanes]), F32)
+            lane0 = builder.call(fma1, [total, dd, lane0])
+            if blk.mins is not None:  # the unit's 16-weight groups: lanes 16u/32 ...
+                first, n = u * 2, per_unit * 2
+                picked = _shuffle(builder, builder.mul(blk.mins, bsums), list(range(first, first + n)))
+                reduce = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{n}i32", I32, [picked.type])
+                mins = builder.sitofp(builder.call(reduce, [picked]), F32)
+                coef = builder.fneg(builder.fmul(blk.dmin, d_a))
+                lane1 = builder.call(fma1, [mins, coef, lane1])
+        a = builder.insert_element(a, lane0, I32(0))
+        return builder.insert_element(a, lane1, I32(1))
+
+    return step
+
+
+def _tiled_step(builder, a, blk, sumi, d_a, bsums):
+    """<8 x float> a after one super-block of llama.cpp's tiled K-quant kernel
+    (ggml/dot._matmul_tiled), on lane 0: r = fma(-dmin, float(mins . bsums), float(sum) d);
+    lane 0 = fma(r, d_a, lane 0)."""
     fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
     reduce8 = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", I32, [V8I32])
-    total = builder.sitofp(builder.call(reduce8, [sumi]), F32)
-    lane0 = builder.call(fma1, [total, builder.fmul(blk.d, d_a), builder.extract_element(a, I32(0))])
-    a = builder.insert_element(a, lane0, I32(0))
-    if blk.mins is None:
-        return a
-    reduce16 = _intrinsic_fn(builder, "llvm.vector.reduce.add.v16i32", I32, [V16I32])
-    mins = builder.sitofp(builder.call(reduce16, [builder.mul(blk.mins, bsums)]), F32)
-    coef = builder.fneg(builder.fmul(blk.dmin, d_a))
-    lane1 = builder.call(fma1, [mins, coef, builder.extract_element(a, I32(1))])
-    return builder.insert_element(a, lane1, I32(1))
+    r = builder.fmul(builder.sitofp(builder.call(reduce8, [sumi]), F32), blk.d)
+    if blk.mins is not None:
+        reduce16 = _intrinsic_fn(builder, "llvm.vector.reduce.add.v16i32", I32, [V16I32])
+        mins = builder.sitofp(builder.call(reduce16, [builder.mul(blk.mins, bsums)]), F32)
+        r = builder.call(fma1, [builder.fneg(blk.dmin), mins, r])
+    lane0 = builder.call(fma1, [r, d_a, builder.extract_element(a, I32(0))])
+    return builder.insert_element(a, lane0, I32(0))
 
 
 
@@ -371,13 +399,15 @@ def _act_fields(builder, x_p, xo, act, n_chunks):
     return d_a, s_a, qa, bsums
 
 
-def _int_block_intrinsic(decode, fmt, act, repacked=False):
+def _int_block_intrinsic(decode, fmt, act, kernel="vec_dot"):
     """The integer block step of one weight format, with the signature of
     matmul_blocks._block_intrinsic: for each row r and token g of the tile,
         acc[r G + g] = fma(d * d_a, float(sum over chunks of lanes * scales), acc[r G + g])
-    then lane 0 takes the block's min (K-quants) or offset (Q4_1 / Q5_1) term. `repacked`:
-    as llama.cpp's repacked kernels, the block's lanes summed into one int32 scaled into
-    lane 0, and its mins into lane 1, negated (y = lane 0 + lane 1) (ggml/dot.py)."""
+    then lane 0 takes the block's min (K-quants) or offset (Q4_1 / Q5_1) term. `kernel`
+    names llama.cpp's kernel whose arithmetic this follows (ggml/dot.kernel_of): "vec_dot"
+    as above; "repacked": the block's lanes summed into one int32 scaled into lane 0, its
+    mins into lane 1, negated (y = lane 0 + lane 1); "tiled": one int32 per super-block
+    into lane 0 (ggml/dot.py)."""
 
     def typer(typingctx, acc, raw, offset, row_bytes, table, x, x_offset, XK, R, G):
         if not (isinstance(R, types.IntegerLiteral) and isinstance(G, types.IntegerLiteral)):
@@ -392,7 +422,6 @@ def _int_block_intrinsic(decode, fmt, act, repacked=False):
             ssse3, avx2 = _has_ssse3(context), _has_avx2(context)
             fma = _intrinsic_fn(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
             fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
-            reduce_add = _intrinsic_fn(builder, "llvm.vector.reduce.add.v16i32", I32, [V16I32])
             prefetch = _intrinsic_fn(builder, "llvm.prefetch.p0", ir.VoidType(),
                                      [I8.as_pointer(), I32, I32, I32])  # fmt: skip
             blocks = []
@@ -407,25 +436,26 @@ def _int_block_intrinsic(decode, fmt, act, repacked=False):
                 xo = builder.add(x_offset, builder.mul(XK, I64(g)))
                 d_a, s_a, qa, bsums = _act_fields(builder, x_p8, xo, act, len(blocks[0].chunks))
                 for r, blk in enumerate(blocks):
-                    sumi = None
+                    chunk_lanes = []  # per 32 weights: <8 x i32> (scaled)
                     for (codes, scales), q in zip(blk.chunks, qa, strict=True):
                         lanes = _dot4(builder, codes, q, avx2)
                         if scales is not None:
                             lanes = builder.mul(lanes, scales)
-                        sumi = lanes if sumi is None else builder.add(sumi, lanes)
+                        chunk_lanes.append(lanes)
+                    sumi = chunk_lanes[0]
+                    for lanes in chunk_lanes[1:]:
+                        sumi = builder.add(sumi, lanes)
                     slot = I64(8 * (r * n_tokens + g))
                     a = _load(builder, acc_p, slot, V8F)
-                    if repacked:
-                        _store(builder, _repacked_step(builder, a, blk, sumi, d_a, bsums), acc_p, slot)
+                    if kernel == "repacked":
+                        a = _repacked_step(REPACK_UNIT[fmt.name])(builder, a, blk, chunk_lanes, d_a, bsums)
+                        _store(builder, a, acc_p, slot)
+                        continue
+                    if kernel == "tiled":
+                        _store(builder, _tiled_step(builder, a, blk, sumi, d_a, bsums), acc_p, slot)
                         continue
                     dd = _splat(builder, builder.fmul(blk.d, d_a))
                     a = builder.call(fma, [dd, builder.sitofp(sumi, V8F), a])
-                    if blk.mins is not None:  # lane 0 += -(d_a dmin) sum_i m_i bsum_i
-                        total = builder.call(reduce_add, [builder.mul(blk.mins, bsums)])
-                        coef = builder.fneg(builder.fmul(d_a, blk.dmin))
-                        lane0 = builder.extract_element(a, I32(0))
-                        lane0 = builder.call(fma1, [coef, builder.sitofp(total, F32), lane0])
-                        a = builder.insert_element(a, lane0, I32(0))
                     if blk.m is not None:  # lane 0 += m s_a
                         lane0 = builder.call(fma1, [blk.m, s_a, builder.extract_element(a, I32(0))])
                         a = builder.insert_element(a, lane0, I32(0))
@@ -438,17 +468,9 @@ def _int_block_intrinsic(decode, fmt, act, repacked=False):
 
 
 _dot_q8_0 = _int_block_intrinsic(_int_q8_0, quant.Q8_0, "q8_0")
-_dot_q4_0 = _int_block_intrinsic(_int_q4_0, quant.Q4_0, "q8_0")
 _dot_q5_0 = _int_block_intrinsic(_int_q5_0, quant.Q5_0, "q8_0")
-_dot_iq4_nl = _int_block_intrinsic(_int_iq4_nl, quant.IQ4_NL, "q8_0")
 _dot_q4_1 = _int_block_intrinsic(_int_q4_1, quant.Q4_1, "q8_1")
 _dot_q5_1 = _int_block_intrinsic(_int_q5_1, quant.Q5_1, "q8_1")
-_dot_q2_k = _int_block_intrinsic(_int_q2_k, quant.Q2_K, "q8_k")
-_dot_q3_k = _int_block_intrinsic(_int_q3_k, quant.Q3_K, "q8_k")
-_dot_q4_k = _int_block_intrinsic(_int_q4_k, quant.Q4_K, "q8_k")
-_dot_q5_k = _int_block_intrinsic(_int_q5_k, quant.Q5_K, "q8_k")
-_dot_q6_k = _int_block_intrinsic(_int_q6_k, quant.Q6_K, "q8_k")
-_dot_iq4_xs = _int_block_intrinsic(_int_iq4_xs, quant.IQ4_XS, "q8_k")
 
 
 # xq: uint8[T, K / QK * act bytes] from quantize_activations;  raws: a tuple of uint8[N_i,
@@ -462,22 +484,12 @@ def matmul_q8_0(xq, raws, table, ys):
     _matmul_blocks(_dot_q8_0, 34, 36, xq, raws, table, ys)
 
 
-@njit(cache=True, parallel=True)
-def matmul_q4_0(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_q4_0, x as Q8_0."""
-    _matmul_blocks(_dot_q4_0, 18, 36, xq, raws, table, ys)
-
 
 @njit(cache=True, parallel=True)
 def matmul_q5_0(xq, raws, table, ys):
     """ys[i] = x @ W_i^T for W_i in block_q5_0, x as Q8_0."""
     _matmul_blocks(_dot_q5_0, 22, 36, xq, raws, table, ys)
 
-
-@njit(cache=True, parallel=True)
-def matmul_iq4_nl(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_iq4_nl, x as Q8_0."""
-    _matmul_blocks(_dot_iq4_nl, 18, 36, xq, raws, table, ys)
 
 
 @njit(cache=True, parallel=True)
@@ -492,48 +504,18 @@ def matmul_q5_1(xq, raws, table, ys):
     _matmul_blocks(_dot_q5_1, 24, 40, xq, raws, table, ys)
 
 
-@njit(cache=True, parallel=True)
-def matmul_q2_k(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_q2_K, x as Q8_K."""
-    _matmul_blocks(_dot_q2_k, 84, 292, xq, raws, table, ys)
 
 
-@njit(cache=True, parallel=True)
-def matmul_q3_k(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_q3_K, x as Q8_K."""
-    _matmul_blocks(_dot_q3_k, 110, 292, xq, raws, table, ys)
 
 
-@njit(cache=True, parallel=True)
-def matmul_q4_k(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_q4_K, x as Q8_K."""
-    _matmul_blocks(_dot_q4_k, 144, 292, xq, raws, table, ys)
-
-
-@njit(cache=True, parallel=True)
-def matmul_q5_k(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_q5_K, x as Q8_K."""
-    _matmul_blocks(_dot_q5_k, 176, 292, xq, raws, table, ys)
-
-
-@njit(cache=True, parallel=True)
-def matmul_q6_k(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_q6_K, x as Q8_K."""
-    _matmul_blocks(_dot_q6_k, 210, 292, xq, raws, table, ys)
-
-
-@njit(cache=True, parallel=True)
-def matmul_iq4_xs(xq, raws, table, ys):
-    """ys[i] = x @ W_i^T for W_i in block_iq4_xs, x as Q8_K."""
-    _matmul_blocks(_dot_iq4_xs, 136, 292, xq, raws, table, ys)
 
 
 # The formats llama.cpp repacks on x86 (ggml.ops.Simd.repacked), with its repacked kernels'
 # arithmetic: one int32 per block (ggml/dot.py).
-_dot_q4_0_repacked = _int_block_intrinsic(_int_q4_0, quant.Q4_0, "q8_0", repacked=True)
-_dot_iq4_nl_repacked = _int_block_intrinsic(_int_iq4_nl, quant.IQ4_NL, "q8_0", repacked=True)
-_dot_q4_k_repacked = _int_block_intrinsic(_int_q4_k, quant.Q4_K, "q8_k", repacked=True)
-_dot_q2_k_repacked = _int_block_intrinsic(_int_q2_k, quant.Q2_K, "q8_k", repacked=True)
+_dot_q4_0_repacked = _int_block_intrinsic(_int_q4_0, quant.Q4_0, "q8_0", "repacked")
+_dot_iq4_nl_repacked = _int_block_intrinsic(_int_iq4_nl, quant.IQ4_NL, "q8_0", "repacked")
+_dot_q4_k_repacked = _int_block_intrinsic(_int_q4_k, quant.Q4_K, "q8_k", "repacked")
+_dot_q2_k_repacked = _int_block_intrinsic(_int_q2_k, quant.Q2_K, "q8_k", "repacked")
 
 
 @njit(cache=True, parallel=True)
@@ -558,3 +540,48 @@ def matmul_q4_k_repacked(xq, raws, table, ys):
 def matmul_q2_k_repacked(xq, raws, table, ys):
     """ys[i] = x @ W_i^T for W_i in block_q2_K, x as Q8_K, as llama.cpp's repacked Q2_Kx8."""
     _matmul_blocks(_dot_q2_k_repacked, 84, 292, xq, raws, table, ys)
+
+
+# The K-quants llama.cpp multiplies with its tiled kernel (batches of >= 8 tokens).
+_dot_q2_k_tiled = _int_block_intrinsic(_int_q2_k, quant.Q2_K, "q8_k", "tiled")
+_dot_q3_k_tiled = _int_block_intrinsic(_int_q3_k, quant.Q3_K, "q8_k", "tiled")
+_dot_q5_k_tiled = _int_block_intrinsic(_int_q5_k, quant.Q5_K, "q8_k", "tiled")
+_dot_q6_k_tiled = _int_block_intrinsic(_int_q6_k, quant.Q6_K, "q8_k", "tiled")
+_dot_iq4_xs_tiled = _int_block_intrinsic(_int_iq4_xs, quant.IQ4_XS, "q8_k", "tiled")
+
+
+@njit(cache=True, parallel=True)
+def matmul_q2_k_tiled(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q2_K, x as Q8_K, as llama.cpp's tiled kernel."""
+    _matmul_blocks(_dot_q2_k_tiled, 84, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q3_k_tiled(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q3_K, x as Q8_K, as llama.cpp's tiled kernel."""
+    _matmul_blocks(_dot_q3_k_tiled, 110, 292, xq, raws, table, ys)
+
+
+
+@njit(cache=True, parallel=True)
+def matmul_q5_k_tiled(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q5_K, x as Q8_K, as llama.cpp's tiled kernel."""
+    _matmul_blocks(_dot_q5_k_tiled, 176, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_q6_k_tiled(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_q6_K, x as Q8_K, as llama.cpp's tiled kernel."""
+    _matmul_blocks(_dot_q6_k_tiled, 210, 292, xq, raws, table, ys)
+
+
+@njit(cache=True, parallel=True)
+def matmul_iq4_xs_tiled(xq, raws, table, ys):
+    """ys[i] = x @ W_i^T for W_i in block_iq4_xs, x as Q8_K, as llama.cpp's tiled kernel."""
+    _matmul_blocks(_dot_iq4_xs_tiled, 136, 292, xq, raws, table, ys)
+
+
+def kernel(name: str, simd):
+    """The int8 kernel that computes what llama.cpp's build `simd` does for weights `name`."""
+    suffix = {"vec_dot": "", "repacked": "_repacked", "tiled": "_tiled"}[kernel_of(name, simd)]
+    return globals()[f"matmul_{name}{suffix}"]
