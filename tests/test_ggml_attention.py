@@ -1,10 +1,12 @@
 """kernels.attention_ggml.paged_attention_ggml against its NumPy twin, ggml.attention.attention.
 
 What is held:
-- the kernel equals the twin bitwise (the twin reads llama.cpp's graph: f16 q and p,
-  tinyBLAS's 8-lane dot products, ggml's softmax) over random pools: block sizes 1/4/16,
-  GQA ratios 1-4, HD with and without HD % 8, windows, several sequences in one shuffled
-  batch, queries at arbitrary positions;
+- the kernel equals the twin bitwise for both x86 builds, 8 lanes (AVX2) and 16
+  (AVX-512), and with no `lanes` the host's (the twin reads llama.cpp's graph: f16 q and
+  p, tinyBLAS's dot products, ggml's softmax) over random pools: block sizes 1/4/16, GQA
+  ratios 1-4, HD with and without HD % 16, windows, several sequences in one shuffled
+  batch, queries at arbitrary positions; the two builds give different bits;
+- the twin's dot is tinyBLAS's order: lane l of `lanes` accumulates with fma, then hsum;
 - the twin is attention: within float16 rounding of float64 reference.attention;
 - the window convention: exactly the keys max(0, p - window + 1) .. p are read;
 - a token's output is bitwise the same alone or in any batch, whatever the placement of
@@ -24,8 +26,8 @@ from hypothesis import strategies as st
 from test_attention import Case, assert_bitwise, cases, gamma, scatter
 
 from refinfer import reference
-from refinfer.ggml.attention import attention, dot8
-from refinfer.ggml.ops import fma, hsum8, round_f16
+from refinfer.ggml.attention import attention, dot
+from refinfer.ggml.ops import LANES, fma, hsum, round_f16
 from refinfer.kernels.attention_ggml import paged_attention_ggml
 
 F32 = np.float32
@@ -44,32 +46,36 @@ def f16_case(case: Case) -> Case:
     )
 
 
-def run(case: Case, q: np.ndarray | None = None, **fields: np.ndarray) -> np.ndarray:
-    """paged_attention_ggml on the case (fields overridable by keyword) -> float32[T, H, HD]."""
+def run(
+    case: Case, q: np.ndarray | None = None, lanes: int | None = None, **fields: np.ndarray
+) -> np.ndarray:  # fmt: skip
+    """paged_attention_ggml on the case (fields overridable by keyword) -> float32[T, H, HD].
+    lanes: 8 or 16, None for the host's build."""
     q = case.q if q is None else q
     c = replace(case, **fields)
     out = np.full(q.shape, np.nan, dtype=F32)
     paged_attention_ggml(
-        q, c.k_cache, c.v_cache, c.block_tables, c.seq_index, c.positions, c.window, SCALE, out
-    )
+        q, c.k_cache, c.v_cache, c.block_tables, c.seq_index, c.positions, c.window, SCALE, out,
+        lanes,
+    )  # fmt: skip
     return out
 
 
-def twin(case: Case, window: int | None = None) -> np.ndarray:
+def twin(case: Case, lanes: int = LANES) -> np.ndarray:
     """float32[T, H, HD]: ggml.attention.attention over each whole sequence, rows of the batch."""
-    window = case.window if window is None else window
     full = []
     for q, k, v in zip(case.q_full, case.k, case.v, strict=True):
-        mask = reference.attention_mask(np.arange(len(k)), window)
-        full.append(attention(q, k, v, mask, F32(SCALE)))  # (n, H, HD)
+        mask = reference.attention_mask(np.arange(len(k)), case.window)
+        full.append(attention(q, k, v, mask, F32(SCALE), lanes))  # (n, H, HD)
     return np.stack([full[s][p] for s, p in zip(case.seq_index, case.positions, strict=True)])
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("lanes", [8, 16])
+@settings(max_examples=40, deadline=None)
 @given(cases())
-def test_kernel_equals_twin(case: Case) -> None:
+def test_kernel_equals_twin(lanes: int, case: Case) -> None:
     case = f16_case(case)
-    assert_bitwise(run(case), twin(case))
+    assert_bitwise(run(case, lanes=lanes), twin(case, lanes))
 
 
 @settings(max_examples=40, deadline=None)
@@ -155,8 +161,8 @@ def test_decode_equals_prefill(case: Case) -> None:
         assert_bitwise(decode[0], prefill[t])
 
 
-def test_thread_count_does_not_change_bits_and_long_rows_match_the_twin() -> None:
-    """SmolLM2's shapes (H 9, KVH 3, HD 64): 1 thread == all threads, kernel == twin."""
+def long_rows_case(window: int) -> Case:
+    """SmolLM2's shapes (H 9, KVH 3, HD 64), sequences of 150, 77 and 16 keys."""
     rng = np.random.default_rng(7)
     kvh, group, hd, bs = 3, 3, 64, 16
     lengths = [150, 77, 16]
@@ -167,29 +173,47 @@ def test_thread_count_does_not_change_bits_and_long_rows_match_the_twin() -> Non
     tokens = [(0, p) for p in range(100, 150)] + [(1, 76), (2, 15), (2, 3), (0, 0)]
     seq_index = np.array([s for s, _ in tokens], dtype=np.int32)
     positions = np.array([p for _, p in tokens], dtype=np.int32)
+    return Case(k, v, q_full, k_cache, v_cache, tables, seq_index, positions, window)
+
+
+@pytest.mark.parametrize("window", [0, 50])
+def test_thread_count_does_not_change_bits_and_long_rows_match_the_twin(window: int) -> None:
+    """1 thread == all threads, kernel == twin, with lanes 8, 16 and the host's default;
+    the two builds differ."""
+    case = long_rows_case(window)
     before = numba.get_num_threads()
-    for window in (0, 50):
-        case = Case(k, v, q_full, k_cache, v_cache, tables, seq_index, positions, window)
+    out = {}
+    for lanes in (8, 16):
         try:
             numba.set_num_threads(1)
-            one = run(case)
+            one = run(case, lanes=lanes)
         finally:
             numba.set_num_threads(before)
-        all_threads = run(case)
-        assert_bitwise(all_threads, one)
-        assert_bitwise(all_threads, twin(case))
+        out[lanes] = run(case, lanes=lanes)
+        assert_bitwise(out[lanes], one)
+        assert_bitwise(out[lanes], twin(case, lanes))
+    assert_bitwise(run(case), out[LANES])
+    assert not np.array_equal(out[8], out[16])
 
 
-def test_dot8_is_tinyblas_order() -> None:
-    """Lane l sums the elements l, l + 8, ... with fma, then hsum8; a plain sum differs."""
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_dot_is_tinyblas_order(lanes: int) -> None:
+    """Lane l sums the elements l, l + lanes, ... with fma, then hsum; a plain sum and the
+    other build's lanes differ."""
     rng = np.random.default_rng(3)
     a = rng.standard_normal((200, 64)).astype(F32)
     b = rng.standard_normal((200, 64)).astype(F32)
-    lanes = np.zeros((200, 8), F32)
+    acc = np.zeros((200, lanes), F32)
     for i in range(64):  # lane by lane, one fma at a time
-        lanes[:, i % 8] = fma(a[:, i], b[:, i], lanes[:, i % 8])
-    assert_bitwise(dot8(a, b), hsum8(lanes))
+        acc[:, i % lanes] = fma(a[:, i], b[:, i], acc[:, i % lanes])
+    assert_bitwise(dot(a, b, lanes), hsum(acc))
     sequential = np.zeros(200, F32)
     for i in range(64):
         sequential = sequential + a[:, i] * b[:, i]
-    assert not np.array_equal(dot8(a, b), sequential)
+    assert not np.array_equal(dot(a, b, lanes), sequential)
+    assert not np.array_equal(dot(a, b, lanes), dot(a, b, 24 - lanes))
+    # a ragged length is padded with zeros: the same as the padded vectors
+    assert_bitwise(
+        dot(a[:, :37], b[:, :37], lanes),
+        dot(np.pad(a[:, :37], [(0, 0), (0, 11)]), np.pad(b[:, :37], [(0, 0), (0, 11)]), lanes),
+    )
