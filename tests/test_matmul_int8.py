@@ -19,6 +19,7 @@ from quant_blocks import random_rows
 from refinfer import kernels, quant
 from refinfer.ggml import dot
 from refinfer.ggml import quantize as gq
+from refinfer.ggml.ops import HOST, SIMD, Simd
 from refinfer.kernels import matmul_int8 as mi
 from refinfer.quant import QTensor
 
@@ -76,20 +77,59 @@ def test_twin_is_the_product_of_the_dequantised_blocks(name) -> None:
     if a.s is not None:  # Q8_1's s is f16(d * sum q), not d * sum q: the offset term uses it
         m = dot.weight_codes(w).m.astype(np.float64)
         exact += a.s.astype(np.float64) @ m.T - (a.d * a.qs.reshape(3, -1, 32).sum(-1)) @ m.T
-    y = dot.matmul(x, w)
+    y = dot.matmul(x, w, HOST)
     bound = 1e-5 * np.abs(xa) @ np.abs(quant.dequantize(w.data, fmt).astype(np.float64)).T
     assert np.all(np.abs(y - exact) <= bound + 1e-30)
 
 
+def _run_kernel(kernel, x, w, act):
+    xq = mi.quantize_activations(x, act)
+    empty = np.empty((0, w.data.shape[1]), np.uint8)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    kernel(xq, (w.data, empty, empty), quant.F16_TO_F32, (y, _NO_OUT, _NO_OUT))
+    return y
+
+
+_NO_OUT = np.empty((0, 0), np.float32)
+
+
+@pytest.mark.parametrize("simd", list(SIMD.values()), ids=list(SIMD))
 @pytest.mark.parametrize("name", FORMATS)
-def test_kernel_equals_twin_bitwise(name) -> None:
+def test_kernel_equals_twin_bitwise(name, simd) -> None:
+    # each format with the kernel llama.cpp's build `simd` runs for it (vec_dot, repacked
+    # or tiled: ggml/dot.kernel_of), against the twin of that kernel
     fmt = quant.FORMATS[name]
+    kernel = mi.kernel(name, simd)
     for T, N in ((1, 9), (5, 7), (11, 4)):
         w = QTensor("w", fmt, (N, 512), random_rows(fmt, N, 512, seed=T))
         x = _x(T, 512, seed=10 + T)
-        y = np.empty((T, N), np.float32)
-        kernels.Linear(w, numerics="ggml")(x, y)
-        np.testing.assert_array_equal(y.view(np.uint32), dot.matmul(x, w).view(np.uint32))
+        y = _run_kernel(kernel, x, w, gq.ACTIVATION_TYPE[name])
+        np.testing.assert_array_equal(y.view(np.uint32), dot.matmul(x, w, simd).view(np.uint32))
+
+
+def test_linear_takes_the_hosts_kernels() -> None:
+    w = QTensor("w", quant.Q4_K, (8, 512), random_rows(quant.Q4_K, 8, 512, seed=1))
+    x = _x(3, 512, seed=2)
+    y = np.empty((3, 8), np.float32)
+    kernels.Linear(w, numerics="ggml")(x, y)
+    np.testing.assert_array_equal(y, dot.matmul(x, w, HOST))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k"])
+def test_the_kernels_arithmetic_matters(name) -> None:
+    # ggml's kernels (vec_dot, repacked, tiled) sum the same integers but round their float
+    # sums differently, so following the right one is what makes the outputs llama.cpp's
+    # bit for bit (README, Numerics)
+    fmt = quant.FORMATS[name]
+    w = QTensor("w", fmt, (64, 1024), random_rows(fmt, 64, 1024, seed=5))
+    x = _x(8, 1024, seed=6)
+    a = gq.QUANTIZE[gq.ACTIVATION_TYPE[name]](x)
+    c = dot.weight_codes(w)
+    unrepacked = dot.matmul(x, w, Simd("none", 8, frozenset()))  # vec_dot or tiled
+    repacked = dot._matmul_repacked(a, c, 8, 64, fmt.block_size, fmt.block_size)
+    assert not np.array_equal(unrepacked, repacked)
+    # ... while both are the same sum up to float32 rounding
+    np.testing.assert_allclose(repacked, unrepacked, rtol=0, atol=1e-5 * np.abs(unrepacked).max())
 
 
 def test_fused_matrices_equal_each_alone_and_float_formats_round_x() -> None:
@@ -100,7 +140,7 @@ def test_fused_matrices_equal_each_alone_and_float_formats_round_x() -> None:
     outs = [np.empty((3, w.shape[0]), np.float32) for w in ws]
     kernels.Linear(*ws, numerics="ggml")(x, *outs)
     for w, y in zip(ws[:2], outs[:2], strict=True):
-        np.testing.assert_array_equal(y, dot.matmul(x, w))
+        np.testing.assert_array_equal(y, dot.matmul(x, w, HOST))
     x16 = dot.round_activations(x, quant.F16)
     np.testing.assert_array_equal(outs[2], kernels.matmul(x16, ws[2]))
     assert not np.array_equal(x16, x)

@@ -54,9 +54,10 @@ def _first_key(pos, window):
 def _hsum(x, i, lanes):
     """ggml.ops.hsum of the lanes x[0 .. lanes - 1, i] (8 or 16): halving, i + lanes / 2 ...
     For 8: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
-    if lanes == 16:
-        a = [x[U(k), i] + x[U(k + 8), i] for k in range(8)]
-        return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+    if lanes == 16:  # (l_k + l_k+8), then the 8-lane tree
+        a0, a1, a2, a3 = x[0, i] + x[8, i], x[1, i] + x[9, i], x[2, i] + x[10, i], x[3, i] + x[11, i]
+        a4, a5, a6, a7 = x[4, i] + x[12, i], x[5, i] + x[13, i], x[6, i] + x[14, i], x[7, i] + x[15, i]
+        return ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
     a0, a1 = x[0, i] + x[4, i], x[1, i] + x[5, i]
     a2, a3 = x[2, i] + x[6, i], x[3, i] + x[7, i]
     return (a0 + a2) + (a1 + a3)
