@@ -43,18 +43,22 @@ def test_activation_quantiser_kernel_equals_twin(act) -> None:
     qk = 256 if act == "q8_k" else 32
     q0 = 8 if act == "q8_1" else 4
     np.testing.assert_array_equal(blocks[..., :4].copy().view(np.float32)[..., 0], twin.d)
-    np.testing.assert_array_equal(blocks[..., q0 : q0 + qk].copy().view(np.int8).reshape(6, -1), twin.qs)
+    np.testing.assert_array_equal(
+        blocks[..., q0 : q0 + qk].copy().view(np.int8).reshape(6, -1), twin.qs
+    )
     if act == "q8_1":
         np.testing.assert_array_equal(blocks[..., 4:8].copy().view(np.float32)[..., 0], twin.s)
     if act == "q8_k":
-        np.testing.assert_array_equal(blocks[..., 260:].copy().view(np.int16).reshape(6, -1), twin.bsums)
+        np.testing.assert_array_equal(
+            blocks[..., 260:].copy().view(np.int16).reshape(6, -1), twin.bsums
+        )
 
 
 def test_activation_twin_is_a_close_8_bit_code() -> None:
     # d * qs reproduces x within half a quantum, plus Q8_0's rounding of d to f16 (2^-11 of d
     # for up to 127 quanta)
     # (scales >= 1e-2: below, Q8_0's d is subnormal in f16 and loses more, as in ggml)
-    x = (np.random.default_rng(2).standard_normal((4, 512)) * [[1e-2], [1], [30], [300]])
+    x = np.random.default_rng(2).standard_normal((4, 512)) * [[1e-2], [1], [30], [300]]
     x = x.astype(np.float32)
     for act, qk in (("q8_0", 32), ("q8_k", 256)):
         a = gq.QUANTIZE[act](x)
