@@ -154,10 +154,10 @@ _PATHS_SCRIPT = """
 import sys, numpy as np
 from numba.core.registry import cpu_target
 from refinfer import kernels, quant
-from refinfer.kernels.matmul_int8 import _has_avx2
+from refinfer.kernels.matmul_int8 import _int8_isa
 from refinfer.quant import QTensor
 from quant_blocks import random_rows
-print(_has_avx2(cpu_target.target_context))
+print(_int8_isa(cpu_target.target_context))
 for name in ("q8_0", "q4_1", "q6_k", "q4_k"):
     fmt = quant.FORMATS[name]
     w = QTensor("w", fmt, (5, 512), random_rows(fmt, 5, 512, seed=1))
@@ -177,14 +177,21 @@ def _run(cache: Path, **env_extra: str) -> list[str]:
     return done.stdout.split()
 
 
-def test_portable_int8_path_equals_avx2(tmp_path: Path) -> None:
-    # vpmaddubsw + vpmaddwd where the target has AVX2, widened IR elsewhere (ARM, old x86):
-    # compile once for each (fresh caches), check which path each took, compare the bits
+def test_int8_paths_give_the_same_bits(tmp_path: Path) -> None:
+    # vpdpbusd where the target has VNNI, vpmaddubsw + vpmaddwd where it has AVX2, widened
+    # IR elsewhere (ARM, old x86): compile each (fresh caches), check which path each
+    # took, compare the bits
     import llvmlite.binding as ll
 
-    if not ll.get_host_cpu_features().get("avx2", False):
+    features = ll.get_host_cpu_features()
+    if not features.get("avx2", False):
         pytest.skip("this CPU has no AVX2: only the portable path exists here")
-    native = _run(tmp_path / "native")
-    generic = _run(tmp_path / "generic", NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="+64bit")
-    assert native[0] == "True" and generic[0] == "False"
-    assert native[1:] == generic[1:] and len(native) == 5
+    runs = {"portable": _run(tmp_path / "generic", NUMBA_CPU_NAME="generic",
+                             NUMBA_CPU_FEATURES="+64bit")}  # fmt: skip
+    avx2 = "+64bit,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c"
+    runs["avx2"] = _run(tmp_path / "avx2", NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=avx2)
+    if features.get("avx512vnni") and features.get("avx512vl") or features.get("avxvnni"):
+        runs["vnni"] = _run(tmp_path / "native")
+    for isa, out in runs.items():
+        assert out[0] == isa and len(out) == 5
+    assert len({tuple(out[1:]) for out in runs.values()}) == 1

@@ -26,7 +26,8 @@ the softmax's groups of 8 go by key position: key j is in lane j mod 8 of group 
 Masked keys give p = 0 exactly, and fma(0, v, acc) = acc, so only the visible keys count.
 
 An AVX-512 build does the same with 16 lanes (tinyBLAS<16, __m512, ...>, and the softmax's
-expf and sums): `lanes`=16, ops.Simd. Several sequences in one llama.cpp cache, or cells reused after
+expf and sums): `lanes`=16, ops.Simd. Several sequences in one llama.cpp cache, or cells
+reused after
 a rollback, put keys at other cells and so in other lanes; this twin assumes positions.
 """
 

@@ -112,7 +112,8 @@ def _codes_k(b: np.ndarray, name: str) -> dict:
         low = _planes(b[:, 32:96].reshape(-1, 32), 2).reshape(-1, 256)
         high = _planes(b[:, 0:32], 1).reshape(-1, 256)
         q = low.astype(np.int8) - ((high ^ 1) << 2).astype(np.int8)
-        return {"codes": q, "d": _f16(b[:, 108:110]), "scales": _groups(_q3_k_scales(b[:, 96:108]), 16)}
+        scales = _groups(_q3_k_scales(b[:, 96:108]), 16)
+        return {"codes": q, "d": _f16(b[:, 108:110]), "scales": scales}
     if name in ("q4_k", "q5_k"):
         sc, mn = _k4_scales_mins(b[:, 4:16])
         if name == "q4_k":
@@ -199,7 +200,8 @@ def matmul(x: np.ndarray, w: QTensor, simd: Simd = HOST) -> np.ndarray:
         dd = c.d[None, :, b] * a.d[:, b, None]  # (T, N): d * d_a
         acc = fma(dd[..., None], _lanes(q, c, b).astype(F32), acc)
         if c.m is not None:  # + m s_a
-            acc[..., 0] = fma(np.broadcast_to(c.m[None, :, b], (T, N)), a.s[:, b, None], acc[..., 0])
+            m = np.broadcast_to(c.m[None, :, b], (T, N))
+            acc[..., 0] = fma(m, a.s[:, b, None], acc[..., 0])
     return ((acc[..., 0] + acc[..., 4]) + (acc[..., 2] + acc[..., 6])) + (
         (acc[..., 1] + acc[..., 5]) + (acc[..., 3] + acc[..., 7])
     )
@@ -212,8 +214,8 @@ REPACK_UNIT = {"q4_0": 32, "iq4_nl": 32, "q4_k": 64, "q2_k": 128}
 def _matmul_repacked(a, c: WeightCodes, T: int, N: int, qk: int, unit: int) -> np.ndarray:
     """The repacked gemm kernels' arithmetic (module doc), one FMA per `unit` weights:
 
-        acc  = fma(float(sum over the unit of sc c q), d * d_a, acc)
-        accm = fma(float(sum over the unit of m bsum), dmin * d_a, accm)     y = acc - accm
+    acc  = fma(float(sum over the unit of sc c q), d * d_a, acc)
+    accm = fma(float(sum over the unit of m bsum), dmin * d_a, accm)     y = acc - accm
     """
     acc = np.zeros((T, N), F32)
     accm = np.zeros((T, N), F32)

@@ -417,7 +417,7 @@ def hsum(v: np.ndarray) -> np.ndarray:
 
 
 def _lanes(x: np.ndarray, fill: float, lanes: int) -> np.ndarray:
-    """A row [..., n] padded with `fill` to a multiple of lanes, cut into [..., n / lanes, lanes]."""
+    """A row [..., n] padded with `fill` to whole groups of lanes: [..., n / lanes, lanes]."""
     pad = -x.shape[-1] % lanes
     x = np.concatenate([x, np.full(x.shape[:-1] + (pad,), fill, dtype=x.dtype)], axis=-1)
     return x.reshape(x.shape[:-1] + (-1, lanes))

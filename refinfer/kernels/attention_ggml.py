@@ -55,8 +55,10 @@ def _hsum(x, i, lanes):
     """ggml.ops.hsum of the lanes x[0 .. lanes - 1, i] (8 or 16): halving, i + lanes / 2 ...
     For 8: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
     if lanes == 16:  # (l_k + l_k+8), then the 8-lane tree
-        a0, a1, a2, a3 = x[0, i] + x[8, i], x[1, i] + x[9, i], x[2, i] + x[10, i], x[3, i] + x[11, i]
-        a4, a5, a6, a7 = x[4, i] + x[12, i], x[5, i] + x[13, i], x[6, i] + x[14, i], x[7, i] + x[15, i]
+        a0, a1 = x[0, i] + x[8, i], x[1, i] + x[9, i]
+        a2, a3 = x[2, i] + x[10, i], x[3, i] + x[11, i]
+        a4, a5 = x[4, i] + x[12, i], x[5, i] + x[13, i]
+        a6, a7 = x[6, i] + x[14, i], x[7, i] + x[15, i]
         return ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
     a0, a1 = x[0, i] + x[4, i], x[1, i] + x[5, i]
     a2, a3 = x[2, i] + x[6, i], x[3, i] + x[7, i]

@@ -15,12 +15,12 @@ tile the codes are multiplied by the token's int8 activations in int32 lanes of 
 products (exact), scaled by d * d_a into 8 float32 lanes with one FMA per block.
 The reduction order is therefore ggml's on AVX2, and it depends on nothing but K.
 
-The 4-product int32 lanes come from AVX2's vpmaddubsw + vpmaddwd (u8 x s8 -> i16
-pairs -> i32 quads, the sign moved onto the activation with vpsignb, so |code| <= 128
-and |q| <= 127 never saturate the i16 pairs) where the target has AVX2, and from
-portable LLVM IR (widen, multiply, add) elsewhere; the integers are the same, so the
-outputs are too (tests/test_matmul_int8.py compiles and compares both). This CPU
-(Zen 1) has no AVX-512 VNNI, so no path here uses vpdpbusd.
+The 4-product int32 lanes come from the widest int8 instruction the target has: AVX-512
+VNNI's (or AVX-VNNI's) vpdpbusd (u8 x s8, four products into an int32), else AVX2's
+vpmaddubsw + vpmaddwd (u8 x s8 -> i16 pairs -> i32 quads), the sign moved onto the
+activation with vpsignb in both, so |code| <= 128 and |q| <= 127 never saturate the i16
+pairs; else portable LLVM IR (widen, multiply, add). The integers are the same, so the
+outputs are too (tests/test_matmul_int8.py compiles all three and compares them).
 """
 
 from __future__ import annotations
@@ -37,8 +37,27 @@ from numba.np.arrayobj import make_array
 from refinfer import quant
 from refinfer.ggml.dot import REPACK_UNIT, kernel_of
 from refinfer.kernels.matmul_blocks import (
-    CACHE_LINE, F32, I8, I16, I32, I64, PREFETCH_BYTES, V8F, _const, _f16, _field, _has_ssse3,
-    _high_bits, _iq4, _k4_six_bits, _load, _matmul_blocks, _nibbles, _shuffle, _splat, _store,
+    CACHE_LINE,
+    F32,
+    I8,
+    I16,
+    I32,
+    I64,
+    PREFETCH_BYTES,
+    V8F,
+    _const,
+    _f16,
+    _field,
+    _has_ssse3,
+    _high_bits,
+    _iq4,
+    _k4_six_bits,
+    _load,
+    _matmul_blocks,
+    _nibbles,
+    _shuffle,
+    _splat,
+    _store,
     _vec,
 )  # fmt: skip
 
@@ -168,14 +187,21 @@ def _intrinsic_fn(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _dot4(builder, codes, qa, avx2):
-    """<8 x i32>: lane i = sum_{j = 4i .. 4i + 3} codes[j] * qa[j] (two <32 x i8>, exact)."""
-    if avx2:
+def _dot4(builder, codes, qa, isa):
+    """<8 x i32>: lane i = sum_{j = 4i .. 4i + 3} codes[j] * qa[j] (two <32 x i8>, exact).
+
+    isa (_int8_isa): "vnni" one vpdpbusd; "avx2" vpmaddubsw + vpmaddwd; "portable" IR."""
+    if isa in ("vnni", "avx2"):
         negative = builder.icmp_signed("<", codes, _const(codes, 0))
         magnitude = builder.select(negative, builder.sub(_const(codes, 0), codes), codes)
         signed_qa = builder.call(
             _intrinsic_fn(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8]), [qa, codes]
         )  # qa * sign(code): the product's sign, on the operand that stays signed
+        if isa == "vnni":  # u8 x s8, four products added into each int32 lane, no saturation
+            dpbusd = _intrinsic_fn(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, [V8I32] * 3)
+            zero = ir.Constant(V8I32, [0] * 8)
+            as_i32 = [builder.bitcast(v, V8I32) for v in (magnitude, signed_qa)]
+            return builder.call(dpbusd, [zero, *as_i32])
         pairs = builder.call(
             _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8]),
             [magnitude, signed_qa],
@@ -191,9 +217,14 @@ def _dot4(builder, codes, qa, avx2):
     return builder.add(builder.add(lanes[0], lanes[1]), builder.add(lanes[2], lanes[3]))
 
 
-def _has_avx2(context):
-    """Whether the code being compiled may use AVX2 (Numba's target features)."""
-    return "+avx2" in context.codegen()._tm_features.split(",")
+def _int8_isa(context):
+    """The widest int8 dot product the code being compiled may use (Numba's target
+    features, which follow the host unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say
+    otherwise): "vnni" (AVX-512 VNNI with VL, or AVX-VNNI), "avx2", or "portable"."""
+    features = set(context.codegen()._tm_features.split(","))
+    if {"+avx512vnni", "+avx512vl"} <= features or "+avxvnni" in features:
+        return "vnni"
+    return "avx2" if "+avx2" in features else "portable"
 
 
 # ---- one decoder per weight format: a block as integer codes -----------------------------
@@ -220,7 +251,8 @@ def _lane_scales(builder, scales, first, second, signed):
 
 
 def _int_q8_0(builder, raw, table, o, ssse3):
-    return IntBlock(_f16(builder, raw, table, o), [(_vec(builder, raw, _at(builder, o, 2), 32), None)])
+    codes = _vec(builder, raw, _at(builder, o, 2), 32)
+    return IntBlock(_f16(builder, raw, table, o), [(codes, None)])
 
 
 def _int_q4_0(builder, raw, table, o, ssse3):
@@ -287,7 +319,8 @@ def _int_q3_k(builder, raw, table, o, ssse3):
 
 
 def _int_q45_k(builder, raw, table, o, qh_offset):
-    """Q4_K (qh_offset None) or Q5_K: sub-block c = nibble c % 2 of qs[32 (c // 2) :] (| qh bit c)."""
+    """Q4_K (qh_offset None) or Q5_K: sub-block c is nibble c % 2 of qs[32 (c // 2) :]
+    (and, for Q5_K, bit c of qh above it)."""
     sc, mins = _k4_six_bits(builder, raw, _at(builder, o, 4))
     qs_offset = 16 if qh_offset is None else 48
     chunks = []
@@ -360,8 +393,11 @@ def _repacked_step(unit):
             lane0 = builder.call(fma1, [total, dd, lane0])
             if blk.mins is not None:  # the unit's 16-weight groups: lanes 16u/32 ...
                 first, n = u * 2, per_unit * 2
-                picked = _shuffle(builder, builder.mul(blk.mins, bsums), list(range(first, first + n)))
-                reduce = _intrinsic_fn(builder, f"llvm.vector.reduce.add.v{n}i32", I32, [picked.type])
+                per16 = builder.mul(blk.mins, bsums)
+                picked = _shuffle(builder, per16, list(range(first, first + n)))
+                reduce = _intrinsic_fn(
+                    builder, f"llvm.vector.reduce.add.v{n}i32", I32, [picked.type]
+                )
                 mins = builder.sitofp(builder.call(reduce, [picked]), F32)
                 coef = builder.fneg(builder.fmul(blk.dmin, d_a))
                 lane1 = builder.call(fma1, [mins, coef, lane1])
@@ -386,7 +422,6 @@ def _tiled_step(builder, a, blk, sumi, d_a, bsums):
     return builder.insert_element(a, lane0, I32(0))
 
 
-
 def _act_fields(builder, x_p, xo, act, n_chunks):
     """(d_a, s_a or None, [<32 x i8> per chunk], <16 x i32> bsums or None) of a token's block."""
     d_a = _load(builder, x_p, xo, F32)
@@ -395,7 +430,8 @@ def _act_fields(builder, x_p, xo, act, n_chunks):
     qa = [_load(builder, x_p, _at(builder, xo, q0 + 32 * c), V32I8) for c in range(n_chunks)]
     bsums = None
     if act == "q8_k":
-        bsums = builder.sext(_load(builder, x_p, _at(builder, xo, 260), ir.VectorType(I16, 16)), V16I32)
+        bsums = _load(builder, x_p, _at(builder, xo, 260), ir.VectorType(I16, 16))
+        bsums = builder.sext(bsums, V16I32)
     return d_a, s_a, qa, bsums
 
 
@@ -419,7 +455,7 @@ def _int_block_intrinsic(decode, fmt, act, kernel="vec_dot"):
                 make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 4, 5)
             )
             offset, row_bytes, x_offset, XK = args[2], args[3], args[6], args[7]
-            ssse3, avx2 = _has_ssse3(context), _has_avx2(context)
+            ssse3, isa = _has_ssse3(context), _int8_isa(context)
             fma = _intrinsic_fn(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
             fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
             prefetch = _intrinsic_fn(builder, "llvm.prefetch.p0", ir.VoidType(),
@@ -438,7 +474,7 @@ def _int_block_intrinsic(decode, fmt, act, kernel="vec_dot"):
                 for r, blk in enumerate(blocks):
                     chunk_lanes = []  # per 32 weights: <8 x i32> (scaled)
                     for (codes, scales), q in zip(blk.chunks, qa, strict=True):
-                        lanes = _dot4(builder, codes, q, avx2)
+                        lanes = _dot4(builder, codes, q, isa)
                         if scales is not None:
                             lanes = builder.mul(lanes, scales)
                         chunk_lanes.append(lanes)
@@ -448,7 +484,8 @@ def _int_block_intrinsic(decode, fmt, act, kernel="vec_dot"):
                     slot = I64(8 * (r * n_tokens + g))
                     a = _load(builder, acc_p, slot, V8F)
                     if kernel == "repacked":
-                        a = _repacked_step(REPACK_UNIT[fmt.name])(builder, a, blk, chunk_lanes, d_a, bsums)
+                        step = _repacked_step(REPACK_UNIT[fmt.name])
+                        a = step(builder, a, blk, chunk_lanes, d_a, bsums)
                         _store(builder, a, acc_p, slot)
                         continue
                     if kernel == "tiled":
@@ -484,12 +521,10 @@ def matmul_q8_0(xq, raws, table, ys):
     _matmul_blocks(_dot_q8_0, 34, 36, xq, raws, table, ys)
 
 
-
 @njit(cache=True, parallel=True)
 def matmul_q5_0(xq, raws, table, ys):
     """ys[i] = x @ W_i^T for W_i in block_q5_0, x as Q8_0."""
     _matmul_blocks(_dot_q5_0, 22, 36, xq, raws, table, ys)
-
 
 
 @njit(cache=True, parallel=True)
@@ -502,12 +537,6 @@ def matmul_q4_1(xq, raws, table, ys):
 def matmul_q5_1(xq, raws, table, ys):
     """ys[i] = x @ W_i^T for W_i in block_q5_1, x as Q8_1."""
     _matmul_blocks(_dot_q5_1, 24, 40, xq, raws, table, ys)
-
-
-
-
-
-
 
 
 # The formats llama.cpp repacks on x86 (ggml.ops.Simd.repacked), with its repacked kernels'
@@ -560,7 +589,6 @@ def matmul_q2_k_tiled(xq, raws, table, ys):
 def matmul_q3_k_tiled(xq, raws, table, ys):
     """ys[i] = x @ W_i^T for W_i in block_q3_K, x as Q8_K, as llama.cpp's tiled kernel."""
     _matmul_blocks(_dot_q3_k_tiled, 110, 292, xq, raws, table, ys)
-
 
 
 @njit(cache=True, parallel=True)

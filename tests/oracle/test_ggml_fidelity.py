@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from llama_cpp_peer import agreement, llama_cpp_logits, model_file
 
 import refinfer
-from llama_cpp_peer import agreement, llama_cpp_logits, model_file
 
 pytest.importorskip("llama_cpp")
 
