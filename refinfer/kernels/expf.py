@@ -234,7 +234,12 @@ def expf_ggml(x):
 
 @njit(inline="always")
 def expf_ggml_avx512(x):
-    """ggml_v_expf's AVX-512 variant of one float32 lane; the same bits as ops._expf_avx512."""
+    """ggml_v_expf's AVX-512 variant of one float32 lane; the same bits as ops._expf_avx512.
+
+    scalef(j, n) = j 2^n is two exact-or-once-rounded products by powers of two built from
+    their bits, 2^(n >> 1) then 2^(n - (n >> 1)) (each within [-96, 96]): no branch and no
+    call, so loops over it vectorise; the selects pick 0 / inf beyond |n| > 192, and NaN.
+    """
     z = fma_f32(x, EXP_LOG2E, EXP_SHIFT)
     n = z - EXP_SHIFT
     b = fma_f32(-n, EXP_LN2_LO, fma_f32(-n, EXP_LN2_HI, x))
@@ -243,11 +248,11 @@ def expf_ggml_avx512(x):
         fma_f32(fma_f32(EXP_C[0], b, EXP_C[1]), u, fma_f32(EXP_C[2], b, EXP_C[3])), u,
         fma_f32(EXP_C[4], b, F(1)),
     )  # fmt: skip  # j = e^b
-    if abs(n) > F192:
-        return F(0) if n <= F(0) else F(np.inf)
-    if n != n:
-        return n
-    return F(math.ldexp(np.float64(j), int(n)))  # scalef(j, n): exact in float64, one rounding
+    k = np.int64(max(min(n, F192), -F192))  # clamped: the selects below cover the rest
+    half = k >> 1
+    y = j * bits_f32((half + 127) << 23) * bits_f32((k - half + 127) << 23)
+    y = (F(0) if n <= F(0) else F(np.inf)) if abs(n) > F192 else y
+    return y if x == x else x
 
 
 @njit(inline="always")

@@ -24,7 +24,7 @@ from functools import cache
 import numpy as np
 from numba import njit, prange
 
-from refinfer.kernels.expf import expf, expf_ggml_lanes, f16_bits, fma_f32
+from refinfer.kernels.expf import expf, expf_ggml, expf_ggml_avx512, f16_bits, fma_f32
 
 U = np.uint64  # index type: unsigned indices skip Numba's negative-index checks
 ONE = np.float32(1)
@@ -207,21 +207,29 @@ rms_norm_ggml = _per_token(_rms_norm_ggml_serial, _rms_norm_ggml_parallel)
 @njit(inline="always")
 def _glu_ggml_token(gate, up, gelu, table, lanes, out, t):
     F = gate.shape[1]
-    m = F - F % lanes  # ggml's vector part; the rest take the scalar code
-    for i in range(F):
-        g, u = gate[t, U(i)], up[t, U(i)]
-        if gelu:  # ggml_vec_geglu_f32, GGML_GELU_FP16: GELU read from a float16 table
+    if gelu:  # ggml_vec_geglu_f32, GGML_GELU_FP16: GELU read from a float16 table
+        for i in range(F):
+            g, u = gate[t, U(i)], up[t, U(i)]
             if g <= -GELU_LIMIT:
                 y = F32(0)
             elif g >= GELU_LIMIT:
                 y = g * u
             else:
                 y = table[U(f16_bits(g))] * u
-        elif i < m:  # ggml_v_silu: g / (1 + expf(0 - g)), ggml's expf
-            y = g / (ONE + expf_ggml_lanes(F32(0) - g, lanes)) * u
-        else:  # ggml_silu_f32 with the C library's expf (correctly rounded here)
-            y = g / (ONE + F32(math.exp(np.float64(-g)))) * u
-        out[t, U(i)] = y
+            out[t, U(i)] = y
+        return
+    m = F - F % lanes  # ggml's vector part; the rest take the scalar code
+    if lanes == 16:  # ggml_v_silu: g / (1 + expf(0 - g)), ggml's expf (a loop that vectorises)
+        for i in range(m):
+            g = gate[t, U(i)]
+            out[t, U(i)] = g / (ONE + expf_ggml_avx512(F32(0) - g)) * up[t, U(i)]
+    else:
+        for i in range(m):
+            g = gate[t, U(i)]
+            out[t, U(i)] = g / (ONE + expf_ggml(F32(0) - g)) * up[t, U(i)]
+    for i in range(m, F):  # ggml_silu_f32 with the C library's expf (correctly rounded here)
+        g = gate[t, U(i)]
+        out[t, U(i)] = g / (ONE + F32(math.exp(np.float64(-g)))) * up[t, U(i)]
 
 
 @njit(cache=True, error_model="numpy")
