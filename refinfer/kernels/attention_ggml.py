@@ -25,7 +25,7 @@ keys and the scale: not on T, the batch, the thread count or the block size, so 
 gives the same bits alone or in any batch, in decode as in prefill.
 
 How it runs: two passes over the visible keys (scores, then values), parallel over
-(token, kv head) items dealt round-robin to at most MAX_SETS scratch sets, as in
+(token, query head) items dealt round-robin to at most MAX_SETS scratch sets, as in
 kernels/attention.py. Scores are computed a pool block at a time, vectorised over the
 block's keys (K is [KVH, HD, BS]: the keys are contiguous); values vectorised over d
 (V is [KVH, BS, HD]). llvm.fma.f32 vectorises to vfmadd.
@@ -138,24 +138,22 @@ def _values(p16, v_cache, table, g, lo, pos, W, acc, out, t, h):
 
 
 @njit(inline="always")
-def _attend(q, k_cache, v_cache, table, t, g, pos, window, scale, W, out, q16, s, lanes, acc):
-    """out[t, h] for the G query heads h of kv head g of token t (one work item)."""
+def _attend(q, k_cache, v_cache, table, t, h, pos, window, scale, W, out, q16, s, lanes, acc):
+    """out[t, h] for query head h of token t (one work item), over kv head h // G."""
     H, HD = q.shape[1], q.shape[2]
-    G = H // k_cache.shape[1]
+    g = h // (H // k_cache.shape[1])
     lo = _first_key(pos, window)
-    for h in range(g * G, g * G + G):
-        for d in range(HD):
-            q16[U(d)] = round_f16(q[U(t), U(h), U(d)])
-        _scores(q16, k_cache, table, g, lo, pos, W, lanes, s)
-        _probabilities(s, pos - lo + 1, lo, scale, W, lanes)
-        _values(s, v_cache, table, g, lo, pos, W, acc, out, t, h)
+    for d in range(HD):
+        q16[U(d)] = round_f16(q[U(t), U(h), U(d)])
+    _scores(q16, k_cache, table, g, lo, pos, W, lanes, s)
+    _probabilities(s, pos - lo + 1, lo, scale, W, lanes)
+    _values(s, v_cache, table, g, lo, pos, W, acc, out, t, h)
 
 
 @njit(cache=True, parallel=True)
 def _attend_all(q, k_cache, v_cache, block_tables, seq_index, positions, window, scale, W, out):
-    T, _, HD = q.shape
-    KVH = k_cache.shape[1]
-    n_items = T * KVH  # (token, kv head) pairs
+    T, H, HD = q.shape
+    n_items = T * H  # (token, query head) pairs: a decode step has H of them to share out
     n_sets = max(1, min(n_items, MAX_SETS))
     longest = 1  # the most keys any token sees
     for t in range(T):
@@ -166,9 +164,9 @@ def _attend_all(q, k_cache, v_cache, block_tables, seq_index, positions, window,
     acc = np.empty((n_sets, MAX_LANES, HD), dtype=np.float32)  # value lanes
     for k in prange(n_sets):
         for item in range(k, n_items, n_sets):  # round-robin: item i -> set i % n_sets
-            t, g = item // KVH, item % KVH
+            t, h = item // H, item % H
             _attend(
-                q, k_cache, v_cache, block_tables[seq_index[t]], t, g, positions[t], window,
+                q, k_cache, v_cache, block_tables[seq_index[t]], t, h, positions[t], window,
                 scale, W, out, q16[k], s[k], lanes[k], acc[k],
             )  # fmt: skip
 
