@@ -31,14 +31,25 @@ TINY_ATOL = 1e-4
 SMOLLM2_ATOL = 1e-3
 
 
-def tiny_model(path: Path, **kwargs) -> Model:
+def tiny_model(path: Path, numerics: str = "exact", **kwargs) -> Model:
     """A synthetic model; it has no vocabulary, which forward() does not need."""
-    return Model(read_gguf(write_tiny_model(path, **kwargs)), tokenizer=None)
+    return Model(read_gguf(write_tiny_model(path, **kwargs)), tokenizer=None, numerics=numerics)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    return tiny_model(tmp_path_factory.mktemp("m") / "tiny.gguf", n_kv_heads=2)
+# the determinism contract in both numerics; ggml on quantised weights (its int8 kernels),
+# with dims of 256 where the format's blocks are (tests/test_model_ggml.py: the rest of it)
+TINY_MODELS = {
+    "exact": {},
+    "ggml-q8_0": {"numerics": "ggml", "fmt": "q8_0"},
+    "ggml-q4_k": {"numerics": "ggml", "fmt": "q4_k", "dim": 256, "ffn_dim": 512},
+    "ggml-q6_k": {"numerics": "ggml", "fmt": "q6_k", "dim": 256, "ffn_dim": 512},
+}
+
+
+@pytest.fixture(scope="module", params=list(TINY_MODELS))
+def tiny(request, tmp_path_factory: pytest.TempPathFactory) -> Model:
+    path = tmp_path_factory.mktemp("m") / f"tiny-{request.param}.gguf"
+    return tiny_model(path, n_kv_heads=2, **TINY_MODELS[request.param])
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,6 @@ gives the same bits (the test holds the two together over every float32).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, types

@@ -415,6 +415,23 @@ def _decode_iq4_xs(builder, raw, table, o, ssse3):
         yield from _weights(builder, q, _lane(builder, dl, i))
 
 
+def _decode_rows(builder, decode, fmt, raw_p, table_p, offset, row_bytes, n_rows, ssse3):
+    """decode(...) of each of a tile's n_rows rows' block (at raw[offset + r row_bytes]),
+    each prefetched PREFETCH_BYTES ahead first (both block intrinsics use this)."""
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+        "llvm.prefetch.p0",
+    )  # fmt: skip
+    rows = []
+    for r in range(n_rows):
+        o = builder.add(offset, builder.mul(row_bytes, I64(r)))
+        for line in range(0, fmt.type_size, CACHE_LINE):
+            ahead = builder.gep(raw_p, [builder.add(o, I64(PREFETCH_BYTES + line))])
+            builder.call(prefetch, [ahead, I32(0), I32(3), I32(1)])  # read, keep, data
+        rows.append(decode(builder, raw_p, table_p, o, ssse3))
+    return rows
+
+
 def _block_intrinsic(decode, fmt):
     """The block step for one format, as a Numba intrinsic.
 
@@ -438,17 +455,9 @@ def _block_intrinsic(decode, fmt):
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(V8F, [V8F] * 3), "llvm.fma.v8f32"
             )
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
-                "llvm.prefetch.p0",
-            )  # fmt: skip
-            rows = []  # each row's decoder, which emits the block's IR as it is advanced
-            for r in range(n_rows):
-                o = builder.add(offset, builder.mul(row_bytes, I64(r)))
-                for line in range(0, fmt.type_size, CACHE_LINE):
-                    ahead = builder.gep(raw_p, [builder.add(o, I64(PREFETCH_BYTES + line))])
-                    builder.call(prefetch, [ahead, I32(0), I32(3), I32(1)])  # read, keep, data
-                rows.append(decode(builder, raw_p, table_p, o, ssse3))
+            # each row's decoder, which emits the block's IR as it is advanced
+            rows = _decode_rows(builder, decode, fmt, raw_p, table_p, offset, row_bytes, n_rows,
+                                ssse3)  # fmt: skip
             for c, w_rows in enumerate(zip(*rows, strict=True)):  # weights 8c .. 8c + 7, each row
                 for g in range(n_tokens):  # one load of x_g's chunk serves the R rows
                     x_g = builder.add(x_offset, builder.mul(K, I64(g)))

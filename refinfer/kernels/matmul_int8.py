@@ -37,15 +37,14 @@ from numba.np.arrayobj import make_array
 from refinfer import quant
 from refinfer.ggml.dot import REPACK_UNIT, kernel_of
 from refinfer.kernels.matmul_blocks import (
-    CACHE_LINE,
     F32,
     I8,
     I16,
     I32,
     I64,
-    PREFETCH_BYTES,
     V8F,
     _const,
+    _decode_rows,
     _f16,
     _field,
     _has_ssse3,
@@ -458,15 +457,8 @@ def _int_block_intrinsic(decode, fmt, act, kernel="vec_dot"):
             ssse3, isa = _has_ssse3(context), _int8_isa(context)
             fma = _intrinsic_fn(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
             fma1 = _intrinsic_fn(builder, "llvm.fma.f32", F32, [F32] * 3)
-            prefetch = _intrinsic_fn(builder, "llvm.prefetch.p0", ir.VoidType(),
-                                     [I8.as_pointer(), I32, I32, I32])  # fmt: skip
-            blocks = []
-            for r in range(n_rows):
-                o = builder.add(offset, builder.mul(row_bytes, I64(r)))
-                for line in range(0, fmt.type_size, CACHE_LINE):
-                    ahead = builder.gep(raw_p, [builder.add(o, I64(PREFETCH_BYTES + line))])
-                    builder.call(prefetch, [ahead, I32(0), I32(3), I32(1)])
-                blocks.append(decode(builder, raw_p, table_p, o, ssse3))
+            blocks = _decode_rows(builder, decode, fmt, raw_p, table_p, offset, row_bytes,
+                                  n_rows, ssse3)  # fmt: skip
             x_p8 = builder.bitcast(x_p, I8.as_pointer())
             for g in range(n_tokens):
                 xo = builder.add(x_offset, builder.mul(XK, I64(g)))
