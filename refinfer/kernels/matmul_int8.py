@@ -36,6 +36,7 @@ from numba.np.arrayobj import make_array
 
 from refinfer import quant
 from refinfer.ggml.dot import REPACK_UNIT, kernel_of
+from refinfer.kernels.expf import round_f16
 from refinfer.kernels.matmul_blocks import (
     F32,
     I8,
@@ -68,42 +69,6 @@ V32I8, V16I16, V8I32, V16I32 = (
 # activation type -> bytes per block (the layout above)
 ACT_BLOCK_BYTES = {"q8_0": 36, "q8_1": 40, "q8_k": 292}
 PARALLEL_TOKENS = 16  # fewer tokens: quantise on one thread (as kernels/layer_ops.py)
-
-
-# ---- float32 -> float16 rounding (Numba has no float16) -------------------------------
-
-
-@intrinsic
-def _bits(typingctx, v):
-    """The uint32 bit pattern of float32 v."""
-    if v != types.float32:
-        return None
-    return types.uint32(v), lambda context, builder, sig, args: builder.bitcast(args[0], I32)
-
-
-@intrinsic
-def _float(typingctx, bits):
-    """The float32 of the uint32 bit pattern `bits`."""
-    if bits != types.uint32:
-        return None
-    return types.float32(bits), lambda context, builder, sig, args: builder.bitcast(args[0], F32)
-
-
-@njit(inline="always")
-def round_f16(v):
-    """The float16 nearest to float32 v (ties to even, overflow to inf), as float32.
-
-    Below 2^-14 float16 is subnormal with a fixed quantum of 2^-24: rint(v 2^24) 2^-24 is
-    exact arithmetic. Above, keep 10 of the 23 mantissa bits, rounding the other 13 to even.
-    """
-    a = abs(v)
-    if not a < np.float32(65520.0):  # rounds to inf (or is inf / nan)
-        return v * np.float32(np.inf) if a == a else v
-    if a < np.float32(2.0**-14):
-        return np.float32(np.rint(v * np.float32(2.0**24)) * np.float32(2.0**-24))
-    bits = _bits(v)
-    keep = (bits >> np.uint32(13)) & np.uint32(1)  # the last kept bit: ties go to even
-    return _float(np.uint32((bits + np.uint32(0x0FFF) + keep) & np.uint32(0xFFFFE000)))
 
 
 # ---- activation quantisers: x[T, K] -> blocks (ggml/quantize.py) -------------------------
