@@ -11,32 +11,26 @@ Every weight block, of QK = 32 or 256 weights, is
     w[j] = d * sc[j // S] * c[j]  (- dmin * m[j // S])   or   d * c[j] + m   (Q4_1, Q5_1)
 
 with c the codes (int8), sc / m the sub-block scales / mins (small integers; 1 and
-absent for the 32-blocks) and d, dmin, m f16 floats. For activations a = d_a * q:
+absent for the 32-blocks) and d, dmin, m f16 floats. The integer sums are exact; which
+float arithmetic scales them is the kernel llama.cpp runs for the format (`kernel_of`):
 
-    lane[l]  = sum over groups g = l, l + 8, ... of the block's 4-weight groups of
-               sc[4 g // S] * sum_{j in g} c[j] q[j]                (exact, int32)
-    acc[l]   = fma(d * d_a, float(lane[l]), acc[l])                 (8 float lanes)
-    acc[0]   = fma(-(d_a * dmin), float(sum_i m[i] * bsum_i), acc[0])   (K-quants with mins)
-    acc[0]   = fma(m, s_a, acc[0])                                  (Q4_1 / Q5_1; s_a = d_a sum q)
+- "vec_dot" (Q8_0, Q5_0, Q4_1, Q5_1: ggml_vec_dot_<type>_q8_* and llamafile's tinyBLAS_Q0,
+  AVX2): 8 int32 lanes of 4-weight groups, lane l taking the groups l, l + 8, ...;
+      acc[l] = fma(d * d_a, float(lane[l]), acc[l])           (8 float lanes)
+      acc[0] = fma(m, s_a, acc[0])                             (Q4_1 / Q5_1; s_a = f16(d_a sum q))
+  block by block, then y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
+- "repacked" (Q4_0, Q4_K, IQ4_NL, and Q2_K on AVX-512: ops.Simd.repacked; 8 rows interleaved,
+  arch/x86/repack.cpp's gemm): one int32 per unit of 32, 64 (Q4_K) or 128 (Q2_K) weights,
+      acc  = fma(float(sum over the unit of sc c q), d * d_a, acc)
+      accm = fma(float(sum over the unit of m bsum), dmin * d_a, accm)      y = acc - accm
+- "tiled" (the other K-quants, tiled/tiled-kernel.cpp): one int32 per super-block,
+      r = fma(-dmin, float(sum m bsum), float(sum sc c q) * d);   acc = fma(r, d_a, acc)
 
-block by block in order, and y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
-That is ggml's own structure on AVX2 (8 int32 lanes of 4 products each, one FMA per
-block into 8 float lanes, the same final tree: ggml_vec_dot_<type>_q8_* and llamafile's
-tinyBLAS_Q0). The formats llama.cpp repacks 8 rows at a time on x86 (ops.Simd.repacked:
-Q4_0, Q4_K, IQ4_NL, and Q2_K on AVX-512) have one int32 per unit of 32 (Q4_0, IQ4_NL),
-64 (Q4_K) or 128 (Q2_K) weights instead, in one float accumulator per output:
-
-    acc  = fma(float(sum over the unit of sc c q), d * d_a, acc)
-    accm = fma(float(sum over the unit of m bsum), dmin * d_a, accm)      y = acc - accm
-
-(arch/x86/repack.cpp's gemm, which takes the tokens 4 at a time; its gemv, for the last
-T % 4 tokens of a batch, sums a whole super-block first, so llama.cpp's own results for
-those few tokens differ in the last bits from the rest). The other K-quants take llama.cpp's tiled
-kernel in batches of 8 tokens or more, one int32 per super-block too (`_matmul_tiled`);
-in smaller batches llama.cpp takes ggml_vec_dot_*, whose lanes are the 8 above, so its own
-decode and prefill differ there, and refinfer (one arithmetic for every batch) follows the
-prefill. Where ggml's kernels still differ (the mins of the vec_dot K-quants in 4 lanes
-of their own), the float sums differ in their last bits, never the integers (README).
+llama.cpp switches kernels by batch: the repacked gemm takes tokens 4 at a time and its
+gemv the last T % 4 (one FMA per super-block), and the tiled kernel runs from 8 tokens on
+(ggml_vec_dot_* below that), so its own decode and prefill differ in the last bits there.
+refinfer gives every token one arithmetic (its determinism contract): that of llama.cpp's
+prefill (README, Numerics).
 """
 
 from __future__ import annotations
