@@ -42,7 +42,6 @@ TINY_MODELS = {
     "exact": {},
     "ggml-q8_0": {"numerics": "ggml", "fmt": "q8_0"},
     "ggml-q4_k": {"numerics": "ggml", "fmt": "q4_k", "dim": 256, "ffn_dim": 512},
-    "ggml-q6_k": {"numerics": "ggml", "fmt": "q6_k", "dim": 256, "ffn_dim": 512},
 }
 
 
