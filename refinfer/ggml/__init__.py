@@ -16,6 +16,8 @@ Numba kernels in refinfer/kernels/ compute the same bits, and the tests hold the
 - ops.py        expf, SiLU, RMSNorm, RoPE angles, softmax and f16 rounding as ggml does them
 - attention.py  llama.cpp's attention without flash attention (llama-cpp-python's default)
 
-Where ggml's CPU code has several SIMD variants, the twin states the x86 AVX2 + FMA one
-(the one llama-cpp-python builds on an x86-64 machine with -march=native).
+Where ggml's CPU code has several SIMD variants, the twin states the one llama-cpp-python
+builds on this machine (-march=native): AVX2 + FMA or AVX-512, as data (ops.Simd), and
+follows the kernel llama.cpp picks per weight type (dot.kernel_of). With all that, SmolLM2's
+logits equal llama.cpp's bit for bit (tests/oracle/test_ggml_fidelity.py).
 """
