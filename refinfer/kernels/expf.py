@@ -174,29 +174,40 @@ def bits_f32(typingctx, i):
     return types.float32(types.int64), codegen
 
 
-@intrinsic
-def f16_bits(typingctx, x):
-    """The bits of float16(x) for a float32 x, round to nearest even (F16C's vcvtps2ph)."""
-    if x != types.float32:
-        return None
+@njit(inline="always")
+def round_f16(x):
+    """float32(float16(x)): x rounded to the nearest float16, ties to even, overflow to inf
+    (ggml's K/V, q and p), in integer arithmetic: LLVM's half conversion needs F16C on x86
+    (else a runtime call Numba's JIT does not link), and this must run on any CPU.
 
-    def codegen(context, builder, signature, args):
-        half = builder.fptrunc(args[0], ir.HalfType())
-        return builder.zext(builder.bitcast(half, ir.IntType(16)), ir.IntType(64))
+    Below 2^-14 float16 is subnormal, a fixed quantum of 2^-24: rint(x 2^24) 2^-24 is exact.
+    Above, keep 10 of the 23 mantissa bits, rounding the other 13 to even.
+    """
+    a = abs(x)
+    if not a < F(65520.0):  # rounds to inf (or is inf / nan)
+        return x * F(np.inf) if a == a else x
+    if a < F(2.0**-14):
+        return F(np.rint(x * F(2.0**24)) * F(2.0**-24))
+    bits = f32_bits(x)
+    keep = (bits >> 13) & 1  # the last kept bit: ties go to even
+    return bits_f32((bits + 0x0FFF + keep) & 0xFFFFE000)
 
-    return types.int64(types.float32), codegen
 
-
-@intrinsic
-def round_f16(typingctx, x):
-    """float32(float16(x)): x rounded to the nearest float16, ties to even (ggml's K/V, q, p)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.float32), codegen
+@njit(inline="always")
+def f16_bits(x):
+    """The bits of float16(x) for a float32 x, round to nearest even (F16C's vcvtps2ph), as
+    an int64 (0 .. 65535): sign, 5 exponent bits, 10 mantissa bits of round_f16(x)."""
+    r = round_f16(x)
+    bits = f32_bits(r)
+    sign = (bits >> 16) & 0x8000
+    a = abs(r)
+    if a != a:
+        return sign | 0x7E00
+    if a == F(np.inf):
+        return sign | 0x7C00
+    if a < F(2.0**-14):  # subnormal (or zero): the count of 2^-24 quanta
+        return sign | np.int64(a * F(2.0**24))
+    return sign | ((((bits >> 23) & 0xFF) - 112) << 10) | ((bits >> 13) & 0x3FF)
 
 
 M32 = 0xFFFFFFFF  # 32-bit wrap-around of the integer lane operations
