@@ -403,7 +403,7 @@ def _int_block_intrinsic(decode, fmt, act, kernel="vec_dot"):
     """The integer block step of one weight format, with the signature of
     matmul_blocks._block_intrinsic: for each row r and token g of the tile,
         acc[r G + g] = fma(d * d_a, float(sum over chunks of lanes * scales), acc[r G + g])
-    then lane 0 takes the block's min (K-quants) or offset (Q4_1 / Q5_1) term. `kernel`
+    then lane 0 takes Q4_1 / Q5_1's offset term (the K-quants never take this kernel). `kernel`
     names llama.cpp's kernel whose arithmetic this follows (ggml/dot.kernel_of): "vec_dot"
     as above; "repacked": the block's lanes summed into one int32 scaled into lane 0, its
     mins into lane 1, negated (y = lane 0 + lane 1); "tiled": one int32 per super-block
